@@ -1,0 +1,39 @@
+# One-command set-up: `make test` and `make run` each create .venv/ and install what they need on first use.
+# GPU hosts pick their torch build, e.g. `make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast run lint format clean
+
+setup: $(STAMP)
+
+# torch first and pinned: an unpinned resolve through lightning/litgpt pulls a multi-GB CUDA build
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+run: setup
+	$(PY) -m deft_lightning fit --config configs/tiny.yaml
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from deft_lightning.cli import main
+
+main()

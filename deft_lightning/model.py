@@ -1,0 +1,265 @@
+"""The LightningModule: a LitGPT ``GPT`` trained with a swappable token-level :class:`Objective`.
+
+One dataloader batch is one optimizer step. The batch is split into micro-batches (``micro_batch_size``) that
+are forwarded and backpropagated one after another, and every micro-batch's summed token loss is divided by
+the number of trainable tokens in the *whole* step across all ranks — so the gradient is that of a global
+token mean, whatever the accumulation depth, the sequence lengths or the number of devices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from litgpt import GPT, Config
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from deft_lightning.objectives import NLL, Objective, objective_from_spec
+from deft_lightning.statistics import DEFAULT_CHUNK_ELEMENTS, Needs, TokenStats, target_log_probs
+
+IGNORE_INDEX = -100
+#: statistics for monitoring only, computed on logging steps
+MONITOR_NEEDS = Needs(entropy=True, correct=True)
+PROGRESS_BAR_METRICS = {"train/loss", "train/nll", "train/p", "train/alpha", "train/tokens_per_s"}
+
+
+def resolve_model_config(
+    model_name: str | None, model_config: dict[str, Any] | None, checkpoint_dir: Path | None
+) -> Config:
+    """A litgpt ``Config`` from a checkpoint directory, a registered name (with overrides) or explicit fields."""
+    overrides = dict(model_config or {})
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        missing = [f for f in ("model_config.yaml", "lit_model.pth") if not (checkpoint_dir / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"model.checkpoint_dir '{checkpoint_dir}' is not a LitGPT checkpoint: missing {', '.join(missing)}. "
+                "Create one with `litgpt download <repo>` (online) or `litgpt convert_to_litgpt`."
+            )
+        config = Config.from_file(checkpoint_dir / "model_config.yaml")
+        return Config(**{**config.__dict__, **overrides}) if overrides else config
+    try:
+        if model_name is not None:
+            return Config.from_name(model_name, **overrides)
+        if overrides:
+            return Config(**overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid model.model_name / model.model_config: {err}") from err
+    raise ValueError("set one of model.checkpoint_dir, model.model_name or model.model_config")
+
+
+def load_litgpt_weights(model: torch.nn.Module, checkpoint_dir: Path) -> None:
+    state = torch.load(Path(checkpoint_dir) / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
+    model.load_state_dict(state.get("model", state))
+
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """Position t predicts token t+1: drop the first label and pad the end with IGNORE_INDEX (no logits copy)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up reaching 1 after ``warmup_steps`` steps, then cosine decay to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DeftModule(L.LightningModule):
+    """Supervised fine-tuning of a LitGPT model with a token-level objective.
+
+    Args:
+        objective: the token loss (``class_path`` in YAML); NLL when omitted.
+        model_name: a litgpt config name (``Config.from_name``), e.g. ``Qwen2.5-1.5B``.
+        model_config: explicit litgpt ``Config`` fields, or overrides of ``model_name`` / the checkpoint's config.
+        checkpoint_dir: a LitGPT checkpoint directory (``lit_model.pth`` + ``model_config.yaml``) to start from.
+        micro_batch_size: sequences per forward/backward; a dataloader batch (one optimizer step) is split into
+            micro-batches of this size. ``None`` uses the whole batch at once.
+        learning_rate, weight_decay, betas: AdamW.
+        warmup_ratio: fraction of the total steps spent in linear warm-up before the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of ``learning_rate``.
+        gradient_clip: max global gradient norm (``0`` disables clipping; non-finite norms always skip the step).
+        loss_chunk_elements: fp32 elements per chunk of logits when computing the loss and its statistics.
+    """
+
+    def __init__(
+        self,
+        objective: Objective | None = None,
+        model_name: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        checkpoint_dir: Path | None = None,
+        micro_batch_size: int | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_ratio: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        gradient_clip: float = 1.0,
+        loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        super().__init__()
+        self.objective = objective_from_spec(objective) if objective is not None else NLL()
+        self.config = resolve_model_config(model_name, model_config, checkpoint_dir)
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"model.micro_batch_size must be >= 1, got {micro_batch_size}")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.save_hyperparameters(ignore=["objective"])
+        self.hparams["objective"] = self.objective.spec()  # plain data, so `weights_only` loading works
+        self.automatic_optimization = False  # we accumulate micro-batches ourselves (global token mean)
+        self.model: GPT | None = None
+        self.skipped_steps = 0
+        for stage in ("val", "test"):
+            for name in ("loss", "nll", "p", "acc"):
+                setattr(self, f"{stage}_{name}", MeanMetric())
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = GPT(self.config)
+        if self.hparams.checkpoint_dir is not None:
+            load_litgpt_weights(self.model, self.hparams.checkpoint_dir)
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ValueError(
+                f"trainer.precision={precision} needs loss scaling, which this module does not do; "
+                "use bf16-mixed / bf16-true on GPU or 32-true on CPU"
+            )
+        datamodule = getattr(self.trainer, "datamodule", None)
+        vocab_size = getattr(datamodule, "vocab_size", None)
+        if vocab_size is not None and vocab_size > self.config.padded_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the model's vocabulary has "
+                f"{self.config.padded_vocab_size}; set model.model_config.vocab_size / padded_vocab_size"
+            )
+        max_seq_length = getattr(datamodule, "max_seq_length", None)
+        if max_seq_length is not None and max_seq_length > self.config.block_size:
+            raise ValueError(
+                f"data.max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}"
+            )
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)
+
+    def _token_losses(self, input_ids: Tensor, labels: Tensor, needs: Needs) -> tuple[Tensor, Tensor, TokenStats]:
+        """Per-token objective loss, differentiable log p and statistics of the trainable tokens."""
+        logits = self(input_ids)
+        targets = shift_labels(labels).reshape(-1)
+        logp, stats = target_log_probs(
+            logits.reshape(-1, logits.shape[-1]), targets, needs, IGNORE_INDEX, self.hparams.loss_chunk_elements
+        )
+        return self.objective.token_loss(logp, stats), logp, stats
+
+    # ---------------------------------------------------------------- training
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        started = time.perf_counter()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        micro = self.hparams.micro_batch_size or batch["input_ids"].shape[0]
+        input_chunks, label_chunks = batch["input_ids"].split(micro), batch["labels"].split(micro)
+
+        local_tokens = sum(int((shift_labels(labels) != IGNORE_INDEX).sum()) for labels in label_chunks)
+        global_tokens = int(self._sum_over_ranks(torch.tensor([float(local_tokens)], device=self.device)).item())
+        if global_tokens == 0:
+            raise RuntimeError(
+                f"training batch {batch_idx} has no trainable tokens on any rank (every label is masked); "
+                "check data.max_seq_length against prompt lengths"
+            )
+        # DDP/FSDP average gradients over ranks, hence the world-size factor in the global token mean
+        scale = self.trainer.world_size / global_tokens
+
+        needs = self.objective.needs | (MONITOR_NEEDS if self._is_logging_step() else Needs())
+        sums: dict[str, Tensor] = {}
+        for input_ids, labels in zip(input_chunks, label_chunks, strict=True):
+            token_loss, logp, stats = self._token_losses(input_ids, labels, needs)
+            self.manual_backward(token_loss.sum() * scale)
+            for name, values in self._train_metric_values(token_loss, logp, stats).items():
+                sums[name] = sums.get(name, 0) + values.sum()
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.parameters(), self.hparams.gradient_clip if self.hparams.gradient_clip > 0 else math.inf
+        )
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            scheduler.step()
+        else:
+            self.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+
+        names = list(sums)
+        totals = self._sum_over_ranks(torch.stack([sums[n].float() for n in names]))
+        metrics = {f"train/{n}": totals[i] / global_tokens for i, n in enumerate(names)}
+        metrics["train/tokens_per_s"] = global_tokens / (time.perf_counter() - started)
+        metrics["train/grad_norm"] = grad_norm.float()
+        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics["train/skipped_steps"] = float(self.skipped_steps)
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in PROGRESS_BAR_METRICS, rank_zero_only=True)
+
+    def _train_metric_values(self, token_loss: Tensor, logp: Tensor, stats: TokenStats) -> dict[str, Tensor]:
+        values = {"loss": token_loss.detach(), "nll": -logp.detach(), "p": stats.prob}
+        alpha = self.objective.focus_index(stats)
+        if alpha is not None:
+            values["alpha"] = alpha
+        values["weight"] = self.objective.weight(logp, stats)
+        for name, stat in (("entropy", "entropy"), ("acc", "correct")):
+            if stat in stats:
+                values[name] = getattr(stats, stat)
+        return values
+
+    def _is_logging_step(self) -> bool:
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 or self.global_step == 0
+
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    # ---------------------------------------------------------------- evaluation
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
+        needs = self.objective.needs | Needs(correct=True)
+        token_loss, logp, stats = self._token_losses(batch["input_ids"], batch["labels"], needs)
+        values = {"loss": token_loss, "nll": -logp, "p": stats.prob, "acc": stats.correct}
+        for name, value in values.items():
+            metric = getattr(self, f"{stage}_{name}")
+            metric.update(value)  # token-weighted over the whole epoch and all ranks
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("loss", "nll"))
+
+    # ---------------------------------------------------------------- optimization
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameters(),
+            lr=self.hparams.learning_rate,
+            weight_decay=self.hparams.weight_decay,
+            betas=tuple(self.hparams.betas),
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: cosine_with_warmup(step, warmup_steps, total_steps, self.hparams.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)

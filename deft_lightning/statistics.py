@@ -1,0 +1,169 @@
+"""Target log-probabilities and detached softmax statistics, computed chunk by chunk.
+
+Every objective in this project has logit gradient ``w · (softmax(z) − onehot(y))`` with a detached per-token
+weight ``w`` (REFERENCE.md §1). So the only differentiable quantity the machinery has to provide is the target
+log-probability ``log p = z_y − LSE(z)``; everything else an objective looks at (p, entropy, Σp², top-k
+entropy) is a detached statistic. :func:`target_log_probs` computes log p and exactly the statistics asked
+for, in fp32 (or wider) whatever the logits' dtype, over chunks of rows so that no more than one chunk of
+``[rows × vocab]`` fp32 temporaries exists at a time — in the forward and in the backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: fp32 elements per chunk of logits (64 MiB); rows per chunk = this // vocabulary size.
+DEFAULT_CHUNK_ELEMENTS = 2**24
+
+STAT_NAMES = ("entropy", "collision", "topk_entropy", "correct")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Which detached statistics to compute besides log p (which is always there)."""
+
+    entropy: bool = False  # Shannon entropy of softmax(z), nats
+    collision: bool = False  # Σ_v p_v² = exp(−Rényi-2 entropy) = exp(LSE(2z) − 2·LSE(z))
+    top_k: int = 0  # > 0: entropy of the softmax over the k largest logits
+    correct: bool = False  # argmax(z) == y, for token accuracy
+
+    def __or__(self, other: Needs) -> Needs:
+        if self.top_k and other.top_k and self.top_k != other.top_k:
+            raise ValueError(f"conflicting top-k entropy requests: k={self.top_k} and k={other.top_k}")
+        return Needs(
+            entropy=self.entropy or other.entropy,
+            collision=self.collision or other.collision,
+            top_k=self.top_k or other.top_k,
+            correct=self.correct or other.correct,
+        )
+
+    def requested(self) -> tuple[str, ...]:
+        flags = (self.entropy, self.collision, self.top_k > 0, self.correct)
+        return tuple(name for name, flag in zip(STAT_NAMES, flags, strict=True) if flag)
+
+
+NO_STATS = Needs()
+
+
+class TokenStats:
+    """Detached per-token statistics of the predictive distribution, each a ``[N]`` tensor.
+
+    Reading a statistic that was not computed raises an error that says to declare it in ``Objective.needs``.
+    """
+
+    def __init__(self, logp: Tensor, vocab_size: int, **computed: Tensor) -> None:
+        self.logp = logp.detach()
+        self.vocab_size = vocab_size
+        self._computed = computed
+
+    @property
+    def prob(self) -> Tensor:
+        """Target probability p = exp(log p)."""
+        return self.logp.exp()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._computed
+
+    def __getattr__(self, name: str) -> Tensor:
+        computed = self.__dict__.get("_computed", {})
+        if name in computed:
+            return computed[name]
+        if name in STAT_NAMES:
+            raise AttributeError(
+                f"statistic '{name}' was not computed; declare it in the objective's `needs` "
+                f"(e.g. needs = Needs({'top_k=20' if name == 'topk_entropy' else name + '=True'}))"
+            )
+        raise AttributeError(name)
+
+
+def chunk_rows(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    return max(1, chunk_elements // vocab_size)
+
+
+def _chunk_statistics(z: Tensor, lse: Tensor, targets: Tensor, needs: Needs) -> dict[str, Tensor]:
+    out = {}
+    if needs.entropy:
+        log_q = z - lse[:, None]
+        out["entropy"] = -(log_q.exp() * log_q).sum(-1)
+    if needs.collision:
+        out["collision"] = torch.exp(torch.logsumexp(2 * z, dim=-1) - 2 * lse)
+    if needs.top_k:
+        log_q = torch.log_softmax(z.topk(min(needs.top_k, z.shape[-1]), dim=-1).values, dim=-1)
+        out["topk_entropy"] = -(log_q.exp() * log_q).sum(-1)
+    if needs.correct:
+        out["correct"] = (z.argmax(-1) == targets).to(z.dtype)
+    return out
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """log p_y = z_y − LSE(z) for selected rows, with statistics; backward (onehot − softmax) · grad, chunked."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor, needs: Needs, chunk: int):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        n = rows.numel()
+        logp = torch.empty(n, dtype=dtype, device=logits.device)
+        lse = torch.empty_like(logp)
+        stats: dict[str, list[Tensor]] = {}
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            z = logits.index_select(0, rows[start:stop]).to(dtype)
+            t = targets[start:stop]
+            lse[start:stop] = torch.logsumexp(z, dim=-1)
+            logp[start:stop] = z.gather(1, t[:, None]).squeeze(1) - lse[start:stop]
+            for name, value in _chunk_statistics(z, lse[start:stop], t, needs).items():
+                stats.setdefault(name, []).append(value)
+        ctx.save_for_backward(logits, rows, targets, lse)
+        ctx.chunk = chunk
+        outputs = [torch.cat(stats[name]) if name in stats else logp.new_empty(0) for name in STAT_NAMES]
+        ctx.mark_non_differentiable(*outputs)
+        return (logp, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, *_: Tensor):
+        logits, rows, targets, lse = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)
+        for start in range(0, rows.numel(), ctx.chunk):
+            stop = min(start + ctx.chunk, rows.numel())
+            z = logits.index_select(0, rows[start:stop]).to(lse.dtype)
+            g = grad_logp[start:stop, None]
+            grad = -torch.exp(z - lse[start:stop, None]) * g
+            grad.scatter_add_(1, targets[start:stop, None], g)
+            grad_logits.index_copy_(0, rows[start:stop], grad.to(logits.dtype))
+        return grad_logits, None, None, None, None
+
+
+def target_log_probs(
+    logits: Tensor,
+    targets: Tensor,
+    needs: Needs = NO_STATS,
+    ignore_index: int | None = -100,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, TokenStats]:
+    """Differentiable target log-probabilities and detached statistics of the rows whose target is kept.
+
+    Args:
+        logits: ``[N, V]`` in any float dtype (computation is in fp32, or fp64 for fp64 input).
+        targets: ``[N]`` token ids; rows whose target equals ``ignore_index`` are left out.
+        needs: the statistics to compute besides log p.
+        ignore_index: target value to drop; ``None`` keeps every row.
+        chunk_elements: fp32 elements per chunk of logits.
+
+    Returns:
+        ``log p`` of shape ``[n_kept]`` (gradient w.r.t. ``logits``) and the :class:`TokenStats` of the same rows.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        shapes = f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+        raise ValueError(f"expected logits [N, V] and targets [N], got {shapes}")
+    targets = targets.long()
+    if ignore_index is None:
+        rows = torch.arange(targets.numel(), device=targets.device)
+    else:
+        rows = (targets != ignore_index).nonzero().squeeze(1)
+    kept = targets.index_select(0, rows)
+    logp, *stats = _TargetLogProb.apply(logits, rows, kept, needs, chunk_rows(logits.shape[-1], chunk_elements))
+    computed = dict(zip(STAT_NAMES, stats, strict=True))
+    return logp, TokenStats(logp, logits.shape[-1], **{name: computed[name] for name in needs.requested()})

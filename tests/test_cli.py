@@ -1,0 +1,129 @@
+"""`python -m deft_lightning fit|validate|test --config`: a short fit per objective, logs, custom objectives."""
+
+import csv
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from deft_lightning.cli import main
+from deft_lightning.model import DeftModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs/tiny.yaml")
+OBJECTIVES = ["NLL", "Prob", "QLog", "DFT", "EAFT", "Cayley", "CayleyReference", "DEFT"]
+
+
+def fit_args(tmp_path: Path, *extra: str, steps: int = 10) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        CONFIG,
+        f"--trainer.max_steps={steps}",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        *extra,
+    ]
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, str]]:
+    with open(Path(log_dir) / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_ten_step_fit_per_objective(tmp_path, objective):
+    cli = main(fit_args(tmp_path, f"--model.objective={objective}"))
+    assert cli.trainer.global_step == 10
+    rows = [r for r in read_metrics(cli.trainer.log_dir) if r["train/loss"]]
+    assert len(rows) == 10
+    for name in (
+        "train/loss",
+        "train/nll",
+        "train/p",
+        "train/weight",
+        "train/entropy",
+        "train/acc",
+        "train/tokens_per_s",
+        "train/lr",
+        "train/grad_norm",
+    ):
+        assert all(torch.isfinite(torch.tensor(float(r[name]))) for r in rows), name
+    has_alpha = objective in ("QLog", "Cayley", "CayleyReference", "DEFT")
+    assert bool(rows[-1].get("train/alpha")) == has_alpha
+    assert type(cli.model.objective).__name__ == objective
+
+
+def test_module_entry_point_trains_and_logs(tmp_path):
+    """The README command, as a subprocess: progress, CSV log, summary table, and a loadable checkpoint."""
+    result = subprocess.run(
+        [sys.executable, "-m", "deft_lightning", *fit_args(tmp_path, steps=40)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Fit summary" in result.stdout
+    rows = read_metrics(tmp_path / "tiny" / "version_0")
+    losses = [float(r["train/nll"]) for r in rows if r["train/nll"]]
+    assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])  # it learns
+    assert any(r["val/nll"] for r in rows)
+    checkpoint = next((tmp_path / "tiny" / "version_0" / "checkpoints").glob("*.ckpt"))
+    module = DeftModule.load_from_checkpoint(checkpoint, weights_only=True)
+    assert module.hparams["objective"] == {"class_path": "deft_lightning.objectives.DEFT", "init_args": {}}
+    assert type(module.objective).__name__ == "DEFT"
+
+
+CUSTOM = textwrap.dedent('''
+    import torch
+    from deft_lightning.objectives import Objective
+
+
+    class Focal(Objective):
+        """Focal loss -(1 - p)^gamma * log p."""
+
+        def __init__(self, gamma: float = 2.0):
+            self.gamma = gamma
+
+        def token_loss(self, logp, stats):
+            return -(-torch.expm1(logp)).pow(self.gamma) * logp
+''')
+
+
+def test_custom_objective_outside_the_package(tmp_path, monkeypatch):
+    (tmp_path / "my_losses.py").write_text(CUSTOM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "focal.yaml"
+    config.write_text("model:\n  objective:\n    class_path: my_losses.Focal\n    init_args:\n      gamma: 1.5\n")
+    cli = main(fit_args(tmp_path, f"--config={config}", steps=5))
+    assert cli.trainer.global_step == 5
+    assert cli.model.objective.gamma == 1.5
+    assert cli.model.hparams["objective"] == {"class_path": "my_losses.Focal", "init_args": {"gamma": 1.5}}
+    rows = [r for r in read_metrics(cli.trainer.log_dir) if r["train/weight"]]
+    assert rows and all(float(r["train/weight"]) > 0 for r in rows)
+
+
+def test_validate_and_test_subcommands(tmp_path):
+    data = f"--data.init_args.test_file={ROOT / 'data/tiny/val.jsonl'}"
+    cli = main(["validate", "--config", CONFIG, f"--trainer.logger.init_args.save_dir={tmp_path}", data])
+    assert "val/nll" in cli.trainer.callback_metrics
+    cli = main(["test", "--config", CONFIG, f"--trainer.logger.init_args.save_dir={tmp_path}", data])
+    nll = float(cli.trainer.callback_metrics["test/nll"])
+    assert 0 < nll < 10
+
+
+def test_unknown_objective_is_a_clear_cli_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(fit_args(tmp_path, "--model.objective=NoSuchLoss"))
+    assert "NoSuchLoss" in capsys.readouterr().err
+
+
+def test_bad_data_file_fails_before_training(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'output'"):
+        main(fit_args(tmp_path, f"--data.init_args.train_file={bad}"))

@@ -1,0 +1,180 @@
+"""The LightningModule: global token-mean reduction, non-finite steps, checkpoint loading, schedule, errors."""
+
+import copy
+import itertools
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from litgpt import GPT, Config
+from litgpt.utils import save_config
+from torch.utils.data import DataLoader
+
+from deft_lightning.data import SFTJsonData
+from deft_lightning.model import DeftModule, cosine_with_warmup, shift_labels
+from deft_lightning.objectives import DEFT, NLL, Objective
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "t",
+    "block_size": 128,
+    "vocab_size": 320,
+    "padded_vocab_size": 320,
+    "n_layer": 1,
+    "n_head": 2,
+    "n_embd": 16,
+}
+
+
+def tiny_data(**kwargs) -> SFTJsonData:
+    args = {
+        "train_file": ROOT / "data/tiny/train.jsonl",
+        "tokenizer_dir": ROOT / "data/tiny/tokenizer",
+        "max_seq_length": 128,
+        "batch_size": 6,
+    }
+    return SFTJsonData(**{**args, **kwargs})
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+class GradientCapture(L.Callback):
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+
+def uneven_batch(vocab: int = 320) -> dict[str, torch.Tensor]:
+    """Three sequences with 1, 9 and 4 trainable tokens."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, vocab, (3, 12))
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 11] = input_ids[0, 11]
+    labels[1, 3:12] = input_ids[1, 3:12]
+    labels[2, 5:9] = input_ids[2, 5:9]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class OneBatch(L.LightningDataModule):
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def train_dataloader(self):
+        return DataLoader([self.batch], batch_size=None)
+
+
+@pytest.mark.parametrize("objective", [NLL(), DEFT()], ids=repr)
+def test_step_gradient_is_global_token_mean(objective):
+    """Any micro-batch split gives the gradient of Σ token losses / (all trainable tokens of the step)."""
+    batch = uneven_batch()
+    grads = []
+    for micro in (None, 1, 2):
+        L.seed_everything(0)
+        module = DeftModule(objective=objective, model_config=TINY, micro_batch_size=micro, gradient_clip=0)
+        capture = GradientCapture()
+        trainer(callbacks=[capture]).fit(module, datamodule=OneBatch(batch))
+        grads.append(capture.grads[0])
+
+    L.seed_everything(0)
+    reference = GPT(Config(**TINY))
+    logits = reference(batch["input_ids"])
+    targets = shift_labels(batch["labels"])
+    kept = targets != -100
+    loss = objective(logits[kept], targets[kept]).sum() / kept.sum()
+    loss.backward()
+    expected = {f"model.{n}": p.grad for n, p in reference.named_parameters()}
+    for got in grads:
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_zero_trainable_tokens_is_an_error():
+    batch = uneven_batch()
+    batch["labels"][:] = -100
+    module = DeftModule(model_config=TINY)
+    with pytest.raises(RuntimeError, match="no trainable tokens"):
+        trainer().fit(module, datamodule=OneBatch(batch))
+
+
+class NaNOnFirstCall(Objective):
+    def __init__(self):
+        self.calls = 0
+
+    def token_loss(self, logp, stats):
+        self.calls += 1
+        return -logp * (float("nan") if self.calls == 1 else 1.0)
+
+
+def test_non_finite_gradient_skips_the_step():
+    batch = uneven_batch()
+    module = DeftModule(objective=NaNOnFirstCall(), model_config=TINY)
+    module.configure_model()
+    before = copy.deepcopy(module.model.state_dict())
+    trainer(max_steps=1, max_epochs=1).fit(module, datamodule=OneBatch(batch))
+    assert module.skipped_steps == 1 and module.global_step == 0
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    trainer(max_steps=1, max_epochs=1).fit(module, datamodule=OneBatch(batch))
+    assert module.global_step == 1 and module.skipped_steps == 1
+
+
+def test_loads_litgpt_checkpoint_directory(tmp_path):
+    config = Config(**TINY)
+    source = GPT(config)
+    torch.save(source.state_dict(), tmp_path / "lit_model.pth")
+    save_config(config, tmp_path)
+    module = DeftModule(checkpoint_dir=tmp_path)
+    module.configure_model()
+    for name, value in source.state_dict().items():
+        assert torch.equal(module.model.state_dict()[name], value)
+
+
+def test_checkpoint_directory_errors_name_missing_files(tmp_path):
+    (tmp_path / "model_config.yaml").write_text("name: x\n")
+    with pytest.raises(FileNotFoundError, match=r"missing lit_model.pth"):
+        DeftModule(checkpoint_dir=tmp_path)
+
+
+def test_model_config_errors():
+    with pytest.raises(ValueError, match="set one of model.checkpoint_dir"):
+        DeftModule()
+    with pytest.raises(ValueError, match="model.model_name"):
+        DeftModule(model_name="no-such-model")
+    with pytest.raises(ValueError, match="model.model_config"):
+        DeftModule(model_config={"no_such_field": 1})
+
+
+def test_vocab_and_length_mismatch_fail_before_training():
+    small = {**TINY, "vocab_size": 100, "padded_vocab_size": 100}
+    with pytest.raises(ValueError, match="tokenizer has 320 tokens"):
+        trainer().fit(DeftModule(model_config=small), datamodule=tiny_data())
+    with pytest.raises(ValueError, match="exceeds the model's block_size=128"):
+        trainer().fit(DeftModule(model_config=TINY), datamodule=tiny_data(max_seq_length=256))
+
+
+def test_fp16_precision_is_refused():
+    with pytest.raises(ValueError, match="needs loss scaling"):
+        trainer(precision="16-true").fit(DeftModule(model_config=TINY), datamodule=tiny_data())
+
+
+def test_cosine_with_warmup():
+    values = [cosine_with_warmup(s, warmup_steps=2, total_steps=10, min_lr_ratio=0.1) for s in range(11)]
+    assert values[0] == 0.5 and values[1] == 1.0 and values[2] == 1.0
+    assert all(a >= b for a, b in itertools.pairwise(values[2:]))
+    assert values[10] == pytest.approx(0.1)
