@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast run lint format clean
+.PHONY: setup test test-fast run bench-fit lint format clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ test-fast: setup
 
 run: setup
 	$(PY) -m deft_lightning fit --config configs/tiny.yaml
+
+bench-fit: setup
+	$(PY) benchmarks/fit_overhead.py --config configs/tiny.yaml --objectives NLL DEFT Cayley EAFT
 
 lint: setup
 	$(PY) -m ruff check .

@@ -32,8 +32,9 @@ class FitSummary(L.Callback):
         rows += [(name, f"{value:.4g}") for name, value in sorted(metrics.items())]
         if trainer.log_dir:
             rows.append(("log dir", trainer.log_dir))
-        if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "last_model_path", ""):
-            rows.append(("last checkpoint", trainer.checkpoint_callback.last_model_path))
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and (checkpoint.last_model_path or checkpoint.best_model_path):
+            rows.append(("checkpoint", checkpoint.last_model_path or checkpoint.best_model_path))
         width = max(len(name) for name, _ in rows)
         lines = ["", "Fit summary", "-" * (width + 30)] + [f"{n:<{width}}  {v}" for n, v in rows]
         print("\n".join(lines), flush=True)

@@ -14,7 +14,8 @@ class DeftCLI(LightningCLI):
         parser.add_lightning_class_args(FitSummary, "summary")
 
 
-def main(args: list[str] | None = None) -> DeftCLI:
+def main(args: list[str] | None = None, run: bool = True) -> DeftCLI:
+    """Run the CLI; ``run=False`` only builds trainer, model and data (no subcommand in ``args``)."""
     return DeftCLI(
         DeftModule,
         L.LightningDataModule,
@@ -24,4 +25,5 @@ def main(args: list[str] | None = None) -> DeftCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"precision": "32-true"},
         args=args,
+        run=run,
     )

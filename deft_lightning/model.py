@@ -217,7 +217,7 @@ class DeftModule(L.LightningModule):
         return values
 
     def _is_logging_step(self) -> bool:
-        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0 or self.global_step == 0
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
         if self.trainer.world_size == 1:

@@ -178,3 +178,42 @@ def test_cosine_with_warmup():
     assert values[0] == 0.5 and values[1] == 1.0 and values[2] == 1.0
     assert all(a >= b for a, b in itertools.pairwise(values[2:]))
     assert values[10] == pytest.approx(0.1)
+
+
+class GradientSaver(L.Callback):
+    """Saves rank 0's gradients (already averaged over ranks by DDP) for the parent process to read."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_rank == 0:
+            torch.save({n: p.grad.clone() for n, p in pl_module.named_parameters()}, self.path)
+
+
+class BatchPerRank(L.LightningDataModule):
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self):
+        return DataLoader([self.batches[self.trainer.global_rank]], batch_size=None)
+
+
+@pytest.mark.slow
+def test_two_rank_gradient_is_global_token_mean(tmp_path):
+    """Ranks with 1 and 13 trainable tokens (DDP, gloo): the gradient equals the single-process global mean."""
+    batch = uneven_batch()
+    rank_batches = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]
+    L.seed_everything(0)
+    module = DeftModule(objective=DEFT(), model_config=TINY, gradient_clip=0)
+    trainer(strategy="ddp_spawn", devices=2, callbacks=[GradientSaver(tmp_path / "ddp.pt")]).fit(
+        module, datamodule=BatchPerRank(rank_batches)
+    )
+    L.seed_everything(0)
+    single = DeftModule(objective=DEFT(), model_config=TINY, gradient_clip=0)
+    capture = GradientCapture()
+    trainer(callbacks=[capture]).fit(single, datamodule=OneBatch(batch))
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for name, grad in capture.grads[0].items():
+        torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-7)
