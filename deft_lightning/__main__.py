@@ -1,3 +1,12 @@
-from deft_lightning.cli import main
+"""``python -m deft_lightning {fit,validate,test} --config <yaml>`` | ``python -m deft_lightning prepare-model``."""
 
-main()
+import sys
+
+if len(sys.argv) > 1 and sys.argv[1] == "prepare-model":
+    from deft_lightning.prepare_model import main as prepare_model_main
+
+    prepare_model_main(sys.argv[2:])
+else:
+    from deft_lightning.cli import main
+
+    main()

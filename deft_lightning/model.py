@@ -20,7 +20,9 @@ from litgpt import GPT, Config
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from deft_lightning.generation import SamplingConfig, generate
 from deft_lightning.objectives import NLL, Objective, objective_from_spec
+from deft_lightning.prepare_model import CheckpointError, load_state_dict, validate_checkpoint_dir
 from deft_lightning.statistics import DEFAULT_CHUNK_ELEMENTS, Needs, TokenStats, target_log_probs
 
 IGNORE_INDEX = -100
@@ -35,14 +37,12 @@ def resolve_model_config(
     """A litgpt ``Config`` from a checkpoint directory, a registered name (with overrides) or explicit fields."""
     overrides = dict(model_config or {})
     if checkpoint_dir is not None:
-        checkpoint_dir = Path(checkpoint_dir)
-        missing = [f for f in ("model_config.yaml", "lit_model.pth") if not (checkpoint_dir / f).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"model.checkpoint_dir '{checkpoint_dir}' is not a LitGPT checkpoint: missing {', '.join(missing)}. "
-                "Create one with `litgpt download <repo>` (online) or `litgpt convert_to_litgpt`."
-            )
-        config = Config.from_file(checkpoint_dir / "model_config.yaml")
+        checkpoint_dir = validate_checkpoint_dir(checkpoint_dir, ("lit_model.pth", "model_config.yaml"))
+        try:
+            config = Config.from_file(checkpoint_dir / "model_config.yaml")
+        except Exception as err:
+            path = checkpoint_dir / "model_config.yaml"
+            raise CheckpointError(f"'{path}' is not a valid LitGPT config: {err}") from None
         return Config(**{**config.__dict__, **overrides}) if overrides else config
     try:
         if model_name is not None:
@@ -52,11 +52,6 @@ def resolve_model_config(
     except (TypeError, ValueError) as err:
         raise ValueError(f"invalid model.model_name / model.model_config: {err}") from err
     raise ValueError("set one of model.checkpoint_dir, model.model_name or model.model_config")
-
-
-def load_litgpt_weights(model: torch.nn.Module, checkpoint_dir: Path) -> None:
-    state = torch.load(Path(checkpoint_dir) / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
-    model.load_state_dict(state.get("model", state))
 
 
 def shift_labels(labels: Tensor) -> Tensor:
@@ -125,7 +120,14 @@ class DeftModule(L.LightningModule):
             return
         self.model = GPT(self.config)
         if self.hparams.checkpoint_dir is not None:
-            load_litgpt_weights(self.model, self.hparams.checkpoint_dir)
+            state = load_state_dict(self.hparams.checkpoint_dir)
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as err:
+                raise CheckpointError(
+                    f"'{self.hparams.checkpoint_dir}/lit_model.pth' does not fit its model_config.yaml: "
+                    f"{str(err).splitlines()[0]}"
+                ) from None
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
@@ -149,6 +151,10 @@ class DeftModule(L.LightningModule):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
+
+    def generate(self, prompts: list[list[int]], eos_id: int, sampling: SamplingConfig) -> list[list[list[int]]]:
+        """Completions of token-id prompts with the KV cache (see :func:`deft_lightning.generation.generate`)."""
+        return generate(self.model, prompts, eos_id, sampling)
 
     def _token_losses(self, input_ids: Tensor, labels: Tensor, needs: Needs) -> tuple[Tensor, Tensor, TokenStats]:
         """Per-token objective loss, differentiable log p and statistics of the trainable tokens."""
@@ -198,7 +204,10 @@ class DeftModule(L.LightningModule):
         names = list(sums)
         totals = self._sum_over_ranks(torch.stack([sums[n].float() for n in names]))
         metrics = {f"train/{n}": totals[i] / global_tokens for i, n in enumerate(names)}
-        metrics["train/tokens_per_s"] = global_tokens / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        processed = batch["input_ids"].numel() * self.trainer.world_size  # every position the model computed
+        metrics["train/tokens_per_s"] = processed / seconds
+        metrics["train/trained_tokens_per_s"] = global_tokens / seconds
         metrics["train/grad_norm"] = grad_norm.float()
         metrics["train/lr"] = scheduler.get_last_lr()[0]
         metrics["train/skipped_steps"] = float(self.skipped_steps)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from deft_lightning.data import SFTJsonData
 from deft_lightning.model import DeftModule, cosine_with_warmup, shift_labels
 from deft_lightning.objectives import DEFT, NLL, Objective
+from deft_lightning.prepare_model import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -146,9 +147,25 @@ def test_loads_litgpt_checkpoint_directory(tmp_path):
 
 
 def test_checkpoint_directory_errors_name_missing_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        DeftModule(checkpoint_dir=tmp_path / "absent")
     (tmp_path / "model_config.yaml").write_text("name: x\n")
-    with pytest.raises(FileNotFoundError, match=r"missing lit_model.pth"):
+    with pytest.raises(CheckpointError, match=r"is missing lit_model.pth"):
         DeftModule(checkpoint_dir=tmp_path)
+
+
+def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    config = Config(**TINY)
+    save_config(config, tmp_path)
+    torch.save(GPT(config).state_dict(), tmp_path / "lit_model.pth")
+    data = (tmp_path / "lit_model.pth").read_bytes()
+    (tmp_path / "lit_model.pth").write_bytes(data[: len(data) // 2])  # a copy killed half-way
+    module = DeftModule(checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        module.configure_model()
+    torch.save(GPT(Config(**{**TINY, "n_embd": 32})).state_dict(), tmp_path / "lit_model.pth")
+    with pytest.raises(CheckpointError, match="does not fit its model_config.yaml"):
+        DeftModule(checkpoint_dir=tmp_path).configure_model()
 
 
 def test_model_config_errors():

@@ -1,8 +1,9 @@
-"""A minimal SFT DataModule over local JSONL files, on top of ``litgpt.data.SFTDataset``.
+"""A minimal SFT DataModule over local JSONL files.
 
-Rows are ``{"instruction": str, "input": str (optional), "output": str}``. The prompt is rendered with a LitGPT
-prompt style and masked with -100; the response and its EOS are trained; sequences are right-truncated.
-Every row is validated and tokenized in ``setup``, before any training starts.
+Rows are ``{"instruction": str, "input": str (optional), "system": str (optional), "output": str}``. The prompt is
+rendered by :class:`~deft_lightning.prompting.Prompter` (the backbone's chat template or a LitGPT prompt style,
+the same code evaluation uses) and masked with -100; the response and its EOS are trained; sequences are
+right-truncated. Every row is validated and tokenized in ``setup``, before any training starts.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from litgpt.data import SFTDataset, get_sft_collate_fn
-from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
+
+from deft_lightning.prompting import Prompter
 
 IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("instruction", "output")
+OPTIONAL_FIELDS = ("input", "system")
 
 
 def read_sft_jsonl(path: Path) -> list[dict[str, str]]:
@@ -45,23 +47,32 @@ def read_sft_jsonl(path: Path) -> list[dict[str, str]]:
             for field in REQUIRED_FIELDS:
                 if field not in row:
                     raise ValueError(f"{where}: missing field '{field}'")
-            for field in (*REQUIRED_FIELDS, "input"):
+            for field in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
                 if field in row and not isinstance(row[field], str):
                     raise ValueError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
             if not row["output"].strip():
                 raise ValueError(f"{where}: field 'output' is empty")
-            rows.append({"instruction": row["instruction"], "input": row.get("input", ""), "output": row["output"]})
+            rows.append({field: row[field] for field in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS) if field in row})
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
 
 
-def load_tokenizer(tokenizer_dir: Path) -> Tokenizer:
-    tokenizer_dir = Path(tokenizer_dir)
-    missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (tokenizer_dir / f).is_file()]
-    if missing and not (tokenizer_dir / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"data.tokenizer_dir '{tokenizer_dir}' lacks {', '.join(missing)}")
-    return Tokenizer(tokenizer_dir)
+def encode_example(prompter: Prompter, row: dict[str, str], max_seq_length: int) -> dict[str, torch.Tensor]:
+    """Prompt + response ids, right-truncated; labels mask the prompt with IGNORE_INDEX."""
+    prompt, response = prompter.prompt_ids(row), prompter.response_ids(row["output"])
+    input_ids = torch.tensor(prompt + response, dtype=torch.long)[:max_seq_length]
+    labels = torch.tensor([IGNORE_INDEX] * len(prompt) + response, dtype=torch.long)[:max_seq_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of the batch (labels with IGNORE_INDEX)."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    return {
+        "input_ids": pad([ex["input_ids"] for ex in examples], batch_first=True, padding_value=pad_id),
+        "labels": pad([ex["labels"] for ex in examples], batch_first=True, padding_value=IGNORE_INDEX),
+    }
 
 
 class SFTJsonData(L.LightningDataModule):
@@ -70,7 +81,8 @@ class SFTJsonData(L.LightningDataModule):
     Args:
         train_file, val_file, test_file: JSONL files (``val_file``/``test_file`` optional).
         tokenizer_dir: a directory with ``tokenizer.json`` + ``tokenizer_config.json`` (e.g. a LitGPT checkpoint).
-        prompt_style: a LitGPT prompt style name (``litgpt.prompts``).
+        prompt_style: ``chat_template`` (the tokenizer's own) or a LitGPT prompt style name (``litgpt.prompts``).
+        system_prompt: system message for chat templates, unless a row has its own ``system`` field.
         max_seq_length: sequences are right-truncated to this many tokens.
         batch_size: sequences per optimizer step on each device (split into ``model.micro_batch_size``).
         num_workers: dataloader workers.
@@ -84,6 +96,7 @@ class SFTJsonData(L.LightningDataModule):
         val_file: Path | None = None,
         test_file: Path | None = None,
         prompt_style: str = "alpaca",
+        system_prompt: str | None = None,
         max_seq_length: int = 512,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -93,13 +106,16 @@ class SFTJsonData(L.LightningDataModule):
         if max_seq_length < 2:
             raise ValueError(f"data.max_seq_length must be >= 2, got {max_seq_length}")
         self.files = {"train": train_file, "val": val_file, "test": test_file}
-        self.tokenizer_dir = tokenizer_dir
-        self.prompt_style = prompt_style
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (Path(tokenizer_dir) / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.tokenizer_dir '{tokenizer_dir}' lacks {', '.join(missing)}")
+        self.prompter = Prompter(tokenizer_dir, prompt_style, system_prompt)
+        self.tokenizer = self.prompter.tokenizer
+        self.rows: dict[str, list[dict[str, str]]] = {}
         self.datasets: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     @property
@@ -117,14 +133,14 @@ class SFTJsonData(L.LightningDataModule):
                 raise ValueError(f"`{stage}` needs data.{split}_file")
         for split in splits:
             if self.files[split] is not None and split not in self.datasets:
-                self.datasets[split] = self._tokenize(Path(self.files[split]))
+                self.datasets[split], self.rows[split] = self._tokenize(Path(self.files[split]))
 
-    def _tokenize(self, path: Path) -> list[dict[str, torch.Tensor]]:
+    def _tokenize(self, path: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, str]]]:
         rows = read_sft_jsonl(path)
-        dataset = SFTDataset(rows, self.tokenizer, self.prompt_style, self.max_seq_length, mask_prompt=True)
-        examples = [dataset[i] for i in range(len(dataset))]
+        examples = [encode_example(self.prompter, row, self.max_seq_length) for row in rows]
         # position 0 is never a target after the shift, so count labels from position 1
-        kept = [ex for ex in examples if (ex["labels"][1:] != IGNORE_INDEX).any()]
+        keep = [bool((ex["labels"][1:] != IGNORE_INDEX).any()) for ex in examples]
+        kept = [ex for ex, k in zip(examples, keep, strict=True) if k]
         if not kept:
             raise ValueError(
                 f"{path}: every example's response is truncated away at max_seq_length={self.max_seq_length}"
@@ -134,7 +150,7 @@ class SFTJsonData(L.LightningDataModule):
                 f"{path}: dropped {len(examples) - len(kept)} of {len(examples)} examples whose response does not "
                 f"fit in max_seq_length={self.max_seq_length}"
             )
-        return kept
+        return kept, [row for row, k in zip(rows, keep, strict=True) if k]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -144,7 +160,7 @@ class SFTJsonData(L.LightningDataModule):
             shuffle=shuffle,
             generator=generator,
             num_workers=self.num_workers,
-            collate_fn=get_sft_collate_fn(self.max_seq_length, pad_id=0, ignore_index=IGNORE_INDEX),
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:

