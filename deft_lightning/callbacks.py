@@ -50,7 +50,7 @@ class FitSummary(L.Callback):
 
     def _predict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
         datamodule = trainer.datamodule
-        rows = datamodule.rows["train"][: self.predictions]
+        rows = datamodule.examples("train", self.predictions)
         prompter = datamodule.prompter
         prompts = [prompter.prompt_ids(row) for row in rows]
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, batch_size=len(prompts))
@@ -58,7 +58,7 @@ class FitSummary(L.Callback):
         return [prompter.decode(samples[0]) for samples in outputs]
 
     def _wants_predictions(self, trainer: L.Trainer) -> bool:
-        return self.enabled and self.predictions > 0 and hasattr(trainer.datamodule, "prompter")
+        return self.enabled and self.predictions > 0 and hasattr(trainer.datamodule, "examples")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
@@ -98,7 +98,7 @@ class FitSummary(L.Callback):
             sections += ["", _table(("metric", "final"), others)]
         if self._wants_predictions(trainer):
             after = self._predict(trainer, pl_module)
-            targets = [row["output"] for row in trainer.datamodule.rows["train"][: self.predictions]]
+            targets = [row["output"] for row in trainer.datamodule.examples("train", self.predictions)]
             rows = [(t, repr(b), repr(a)) for t, b, a in zip(targets, self._before, after, strict=True)]
             sections += ["", _table(("target", "before (greedy)", "after (greedy)"), rows)]
         print("\n".join(sections), flush=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deft_lightning.cli import main
+from deft_lightning.data.sources import BadRowError
 from deft_lightning.model import DeftModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def test_custom_objective_outside_the_package(tmp_path, monkeypatch):
 
 
 def test_validate_and_test_subcommands(tmp_path):
-    data = f"--data.init_args.test_file={ROOT / 'data/tiny/val.jsonl'}"
+    data = f"--data.init_args.test={{class_path: FileSource, init_args: {{path: {ROOT / 'data/tiny/val.jsonl'}}}}}"
     cli = main(["validate", "--config", CONFIG, f"--trainer.logger.init_args.save_dir={tmp_path}", data])
     assert "val/nll" in cli.trainer.callback_metrics
     cli = main(["test", "--config", CONFIG, f"--trainer.logger.init_args.save_dir={tmp_path}", data])
@@ -125,5 +126,40 @@ def test_unknown_objective_is_a_clear_cli_error(tmp_path, capsys):
 def test_bad_data_file_fails_before_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'output'"):
-        main(fit_args(tmp_path, f"--data.init_args.train_file={bad}"))
+    with pytest.raises(BadRowError, match=r"bad.jsonl:2: missing field 'output'"):
+        main(fit_args(tmp_path, f"--data.init_args.train.init_args.path={bad}"))
+
+
+TINY_OVERRIDES = [
+    "--model.checkpoint_dir=null",
+    "--model.model_config={name: t, block_size: 1024, vocab_size: 320, padded_vocab_size: 320, n_layer: 1, "
+    "n_head: 2, n_embd: 16}",
+    f"--data.init_args.tokenizer_dir={ROOT / 'data/tiny/tokenizer'}",
+    "--data.init_args.prompt_style=alpaca",
+    "--data.init_args.max_seq_length=1024",
+    "--trainer.val_check_interval=2",
+]
+SMALL_SOURCES = {
+    "weak": ["--data.init_args.train.init_args.count=16", "--data.init_args.val.init_args.count=4"],
+    "strong": ["--data.init_args.train.init_args.count=16"],
+    "intermediate": [],
+    "mixed": ["--data.init_args.train.init_args.total=16"],
+}
+
+
+@pytest.mark.parametrize("regime", ["strong", "intermediate", "weak", "mixed"])
+def test_regime_configs_fit_offline_on_the_tiny_model(tmp_path, regime):
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / f"configs/{regime}.yaml"),
+        *TINY_OVERRIDES,
+        *SMALL_SOURCES[regime],
+        "--trainer.max_steps=3",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+    ]
+    cli = main(args)
+    assert cli.trainer.global_step == 3
+    assert cli.datamodule.regime == regime and cli.datamodule.reports["train"].examples > 0

@@ -1,72 +1,216 @@
-"""The minimal JSONL SFT data path: validation errors name file, line and field; masking; zero-token examples."""
+"""Sources, the SFT DataModule, caching, batching and resumable loader state (tiny tokenizer, offline)."""
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from deft_lightning.data import SFTJsonData, read_sft_jsonl
+from deft_lightning.data import (
+    FigFontSource,
+    FileSource,
+    HubSource,
+    MixtureSource,
+    ReasoningGymMathSource,
+    SFTDataModule,
+)
+from deft_lightning.data.module import LengthGroupedSampler, padding_fraction
+from deft_lightning.data.sources import BadRowError, RowReport, mixture_counts
 from deft_lightning.data.tokenizer import train_byte_level_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data/tiny/tokenizer"
 
 
+def module(tmp_path, train, **kwargs) -> SFTDataModule:
+    args = {
+        "tokenizer_dir": TOKENIZER,
+        "prompt_style": "alpaca",
+        "max_seq_length": 256,
+        "batch_size": 4,
+        "cache_dir": tmp_path / "cache",
+    }
+    return SFTDataModule(train=train, **{**args, **kwargs})
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r":2: invalid JSON"),
-        (b'{"instruction": "a"}\n', r":1: missing field 'output'"),
-        (b'{"instruction": "a", "output": 3}\n', r":1: field 'output' must be a string, got int"),
-        (b'{"instruction": "a", "input": [1], "output": "b"}\n', r":1: field 'input' must be a string"),
-        (b'{"instruction": "a", "output": "  "}\n', r":1: field 'output' is empty"),
-        (b'["a", "b"]\n', r":1: expected a JSON object"),
-        (b'{"instruction": "\xff", "output": "b"}\n', r":1: not valid UTF-8"),
-        (b"\n\n", r"no rows"),
+        (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"rows.jsonl:2: invalid JSON"),
+        (b'{"instruction": "a"}\n', r"rows.jsonl:1: missing field 'output'"),
+        (b'{"instruction": "a", "output": 3}\n', r"rows.jsonl:1: field 'output' must be a string, got int"),
+        (b'{"instruction": "a", "input": [1], "output": "b"}\n', r"rows.jsonl:1: field 'input' must be a string"),
+        (b'{"instruction": "a", "output": "  "}\n', r"rows.jsonl:1: field 'output' is empty"),
+        (b'["a", "b"]\n', r"rows.jsonl:1: expected an object"),
+        (b'{"instruction": "\xff", "output": "b"}\n', r"rows.jsonl:1: not valid UTF-8"),
     ],
 )
 def test_bad_rows_name_file_line_and_field(tmp_path, content, message):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=message) as error:
-        read_sft_jsonl(path)
-    assert str(path) in str(error.value)
+    with pytest.raises(BadRowError, match=message):
+        list(FileSource(path).rows(RowReport()))
+    with pytest.raises(BadRowError, match=message):  # before any training: in setup
+        module(tmp_path, FileSource(path)).setup("fit")
 
 
-def test_prompt_is_masked_and_eos_trained(tmp_path):
-    data = SFTJsonData(ROOT / "data/tiny/train.jsonl", TOKENIZER, max_seq_length=128)
-    data.setup("fit")
-    example = data.datasets["train"][0]
-    trained = example["labels"] != -100
-    assert trained.any() and not trained[0]
-    assert example["labels"][-1] == data.tokenizer.eos_id  # the response ends with EOS, which is trained
-    first = int(trained.nonzero()[0])
-    assert (example["labels"][first:] == example["input_ids"][first:]).all()
-    batch = next(iter(data.train_dataloader()))
-    assert batch["input_ids"].shape[0] == data.batch_size
-
-
-def test_truncated_responses_are_dropped_and_all_truncated_is_an_error(tmp_path):
+def test_on_bad_row_skip_counts(tmp_path):
     path = tmp_path / "rows.jsonl"
-    path.write_text(
-        '{"instruction": "short", "output": "yes"}\n'
-        '{"instruction": "' + "very long prompt " * 50 + '", "output": "no"}\n'
+    path.write_bytes(
+        b'{"instruction": "a", "output": "b"}\n{"instruction": "a"}\nnot json\n{"instruction": "c", "output": "d"}\n'
     )
-    data = SFTJsonData(path, TOKENIZER, max_seq_length=100)
+    data = module(tmp_path, FileSource(path), on_bad_row="skip")
     data.setup("fit")
-    assert len(data.datasets["train"]) == 1
-    data = SFTJsonData(path, TOKENIZER, max_seq_length=2)
-    with pytest.raises(ValueError, match="every example's response is truncated away"):
-        data.setup("fit")
+    assert data.reports["train"].examples == 2 and data.reports["train"].bad_rows_skipped == 2
+
+
+def test_field_mapping_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"problem": ["1+1?", "2+2?"], "solution": ["\\boxed{2}", "\\boxed{4}"]}), tmp_path / "m.parquet"
+    )
+    rows = list(FileSource(tmp_path / "m.parquet", {"instruction": "problem", "output": "solution"}).rows(RowReport()))
+    assert rows == [{"instruction": "1+1?", "output": "\\boxed{2}"}, {"instruction": "2+2?", "output": "\\boxed{4}"}]
+    with pytest.raises(BadRowError, match=r"m.parquet: row 0: missing field 'question'"):
+        list(FileSource(tmp_path / "m.parquet", {"instruction": "question"}).rows(RowReport()))
+
+
+def test_masking_eos_and_truncation_accounting(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [
+        {"instruction": "short", "output": "yes"},
+        {"instruction": "long answer", "output": "cut " * 100},  # response partly truncated
+        {"instruction": "word " * 400, "output": "no"},
+    ]  # response truncated away
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = module(tmp_path, FileSource(path), max_seq_length=120)
+    data.setup("fit")
+    report = data.reports["train"]
+    assert (report.examples, report.truncated, report.dropped_truncated) == (2, 1, 1)
+    eos = data.tokenizer.eos_id
+    for example in data.datasets["train"]:
+        ids, labels = example["input_ids"], example["labels"]
+        prompt_length = len(data.prompter.prompt_ids(example))
+        assert all(label == -100 for label in labels[:prompt_length])  # no prompt token has a label
+        assert labels[prompt_length:] == ids[prompt_length:]
+    first = data.datasets["train"][0]
+    assert first["labels"][-1] == eos  # EOS has a label
+    assert report.trainable_tokens == sum(sum(x != -100 for x in e["labels"][1:]) for e in data.datasets["train"])
+
+
+def test_all_truncated_is_an_error(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"instruction": "word " * 400, "output": "no"}) + "\n")
+    with pytest.raises(ValueError, match="no example has a trainable token"):
+        module(tmp_path, FileSource(path), max_seq_length=50).setup("fit")
+
+
+def test_figfont_items_equal_reasoning_gym():
+    import reasoning_gym
+
+    reference = reasoning_gym.create_dataset(
+        "figlet_font", size=10, seed=42, min_word_len=2, max_word_len=5, space_letters=True
+    )
+    rows = list(FigFontSource(start=40_000, count=3).rows(RowReport()))
+    for offset, row in enumerate(rows):
+        item = reference[40_000 + offset]
+        assert (row["instruction"], row["output"]) == (item["question"], item["answer"])
+        assert row["system"].startswith("You are an expert at decoding Figlet Font ASCII art")
+    shipped = [json.loads(line) for line in (ROOT / "data/figfont/test.jsonl").read_text().splitlines()[:2]]
+    assert [r["output"] for r in shipped] == [r["output"] for r in rows[:2]]
+
+
+def test_math_stand_in_has_boxed_answers():
+    rows = list(ReasoningGymMathSource(count=3).rows(RowReport()))
+    assert all("\\boxed{}" in r["instruction"] and "\\boxed{" in r["output"] for r in rows)
+
+
+@pytest.mark.parametrize(("weights", "total"), [([0.5, 0.5], 11), ([3, 1, 1], 17), ([0.2, 0.3, 0.5], 100)])
+def test_mixture_counts_within_one(weights, total):
+    counts = mixture_counts(weights, total)
+    assert sum(counts) == total
+    assert all(abs(c - total * w / sum(weights)) <= 1 for c, w in zip(counts, weights, strict=True))
+
+
+def test_mixture_is_deterministic_and_proportional():
+    general = FileSource(ROOT / "data/general/train.jsonl")
+    math = ReasoningGymMathSource(count=40)
+    mixture = MixtureSource([general, math], [1, 3], total=20, seed=5)
+    first, second = list(mixture.rows(RowReport())), list(mixture.rows(RowReport()))
+    assert first == second and len(first) == 20
+    assert sum("\\boxed" in r["output"] for r in first) == 15
+    assert MixtureSource([general, math], [1, 3], total=20, seed=6).fingerprint() != mixture.fingerprint()
+    with pytest.raises(ValueError, match="has only"):
+        list(MixtureSource([general, math], [1, 0], total=100).rows(RowReport()))
+
+
+def test_cache_restores_identical_tokens(tmp_path):
+    source = FileSource(ROOT / "data/tiny/train.jsonl")
+    first = module(tmp_path, source)
+    first.setup("fit")
+    second = module(tmp_path, source)
+    second.setup("fit")
+    assert second.reports["train"].from_cache and not first.reports["train"].from_cache
+    assert second.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
+    assert module(tmp_path, source, max_seq_length=100)._cache_key(source) != first._cache_key(source)
+
+
+def batches(loader, count):
+    iterator = iter(loader)
+    return [next(iterator)["input_ids"] for _ in range(count)]
+
+
+@pytest.mark.parametrize("length_grouping", [False, True])
+def test_order_is_seeded_and_loader_state_round_trips_mid_epoch(tmp_path, length_grouping):
+    source = FileSource(ROOT / "data/tiny/train.jsonl")
+    data = module(tmp_path, source, length_grouping=length_grouping)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    iterator = iter(loader)
+    for _ in range(5):
+        next(iterator)
+    state = loader.state_dict()
+    expected = [next(iterator)["input_ids"] for _ in range(3)]
+
+    resumed = data.train_dataloader()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(batches(resumed, 3), expected, strict=True))
+
+    again = module(tmp_path, source, length_grouping=length_grouping)
+    again.setup("fit")
+    reference = batches(data.train_dataloader(), 8)
+    assert all(torch.equal(a, b) for a, b in zip(batches(again.train_dataloader(), 8), reference, strict=True))
+    other_seed = module(tmp_path, source, length_grouping=length_grouping, seed=2)
+    other_seed.setup("fit")
+    assert not torch.equal(batches(other_seed.train_dataloader(), 1)[0], reference[0])
+
+
+def test_length_grouping_cuts_padding_and_covers_every_index():
+    torch.manual_seed(0)
+    lengths = torch.randint(5, 500, (1000,)).tolist()
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1)
+    order = sampler.order(0)
+    assert sorted(order) == list(range(1000)) and order != sampler.order(1)
+    shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    assert padding_fraction(lengths, order, 8) < padding_fraction(lengths, shuffled, 8) / 3
+
+
+def test_hub_source_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="Offline\\?.*FileSource"):
+        list(HubSource("gaotang/numina-cot-subset-67k").rows(RowReport()))
 
 
 def test_missing_inputs_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="lacks tokenizer.json"):
-        SFTJsonData(ROOT / "data/tiny/train.jsonl", tmp_path)
-    data = SFTJsonData(tmp_path / "nope.jsonl", TOKENIZER)
+        SFTDataModule(FileSource(tmp_path / "x.jsonl"), tokenizer_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        data.setup("fit")
-    with pytest.raises(ValueError, match="`test` needs data.test_file"):
-        SFTJsonData(ROOT / "data/tiny/train.jsonl", TOKENIZER).setup("test")
+        module(tmp_path, FileSource(tmp_path / "nope.jsonl")).setup("fit")
+    with pytest.raises(ValueError, match="`test` needs data.test"):
+        module(tmp_path, FileSource(ROOT / "data/tiny/train.jsonl")).setup("test")
 
 
 def test_tokenizer_builder_round_trips(tmp_path):

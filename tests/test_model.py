@@ -11,7 +11,7 @@ from litgpt import GPT, Config
 from litgpt.utils import save_config
 from torch.utils.data import DataLoader
 
-from deft_lightning.data import SFTJsonData
+from deft_lightning.data import FileSource, SFTDataModule
 from deft_lightning.model import DeftModule, cosine_with_warmup, shift_labels
 from deft_lightning.objectives import DEFT, NLL, Objective
 from deft_lightning.prepare_model import CheckpointError
@@ -28,14 +28,15 @@ TINY = {
 }
 
 
-def tiny_data(**kwargs) -> SFTJsonData:
+def tiny_data(**kwargs) -> SFTDataModule:
     args = {
-        "train_file": ROOT / "data/tiny/train.jsonl",
+        "train": FileSource(ROOT / "data/tiny/train.jsonl"),
         "tokenizer_dir": ROOT / "data/tiny/tokenizer",
+        "prompt_style": "alpaca",
         "max_seq_length": 128,
         "batch_size": 6,
     }
-    return SFTJsonData(**{**args, **kwargs})
+    return SFTDataModule(**{**args, **kwargs})
 
 
 def trainer(**kwargs) -> L.Trainer:

@@ -1,5 +1,21 @@
-"""Data: DataModules and sources."""
+"""Data: the SFT DataModule (data/module.py) and the sources it reads (data/sources.py)."""
 
-from deft_lightning.data.sft import SFTJsonData, read_sft_jsonl
+from deft_lightning.data.module import SFTDataModule
+from deft_lightning.data.sources import (
+    FigFontSource,
+    FileSource,
+    HubSource,
+    MixtureSource,
+    ReasoningGymMathSource,
+    Source,
+)
 
-__all__ = ["SFTJsonData", "read_sft_jsonl"]
+__all__ = [
+    "FigFontSource",
+    "FileSource",
+    "HubSource",
+    "MixtureSource",
+    "ReasoningGymMathSource",
+    "SFTDataModule",
+    "Source",
+]

@@ -1,0 +1,342 @@
+"""The SFT DataModule behind every regime: sources → validated rows → cached token ids → resumable batches.
+
+A regime (strong / intermediate / weak / mixed) is a choice of sources in YAML (``configs/<regime>.yaml``):
+
+.. code-block:: yaml
+
+    data:
+      class_path: deft_lightning.data.SFTDataModule
+      init_args:
+        regime: weak
+        train: {class_path: deft_lightning.data.FigFontSource, init_args: {start: 0, count: 40000}}
+        tokenizer_dir: checkpoints/SmolLM2-135M-Instruct
+
+Tokenized splits are cached (Arrow, via ``datasets``) under ``cache_dir`` by a key of the source's
+fingerprint, the tokenizer files, the prompt settings and ``max_seq_length``, so a second run starts in
+seconds. The training loader is a ``torchdata`` ``StatefulDataLoader`` whose position is saved in Lightning
+checkpoints, so a resumed run continues with the exact next batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from tqdm import tqdm
+
+from deft_lightning.data.sources import OPTIONAL_FIELDS, REQUIRED_FIELDS, RowReport, Source
+from deft_lightning.prompting import Prompter
+
+IGNORE_INDEX = -100
+CACHE_FORMAT = 1  # bump when the tokenized layout or the encoding rules change
+
+
+@dataclass
+class SplitReport:
+    """Per-split accounting, printed before training and stored next to the cache."""
+
+    source: str
+    examples: int = 0
+    bad_rows_skipped: int = 0
+    dropped_truncated: int = 0  # whole response cut away by max_seq_length
+    truncated: int = 0  # response partly cut, kept
+    tokens: int = 0
+    trainable_tokens: int = 0
+    seconds: float = 0.0
+    from_cache: bool = False
+
+
+def encode_example(prompter: Prompter, row: dict[str, str], max_seq_length: int) -> tuple[list[int], list[int], bool]:
+    """Prompt + response (+ EOS) ids right-truncated to ``max_seq_length``; labels mask the prompt.
+
+    Returns ``(input_ids, labels, truncated)``.
+    """
+    prompt, response = prompter.prompt_ids(row), prompter.response_ids(row["output"])
+    input_ids = (prompt + response)[:max_seq_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_seq_length]
+    return input_ids, labels, len(prompt) + len(response) > max_seq_length
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of the batch (labels with IGNORE_INDEX)."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    return {
+        "input_ids": pad([torch.as_tensor(ex["input_ids"]) for ex in examples], batch_first=True, padding_value=pad_id),
+        "labels": pad([torch.as_tensor(ex["labels"]) for ex in examples], batch_first=True, padding_value=IGNORE_INDEX),
+    }
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices in which each run of ``batch_size`` has similar lengths (less padding).
+
+    Per epoch: a seeded permutation, cut into mega-batches of ``batch_size × group`` sorted by length, cut into
+    batches, and the batches shuffled. Its state (epoch, indices yielded) lets a resumed loader continue the
+    same order where it stopped (``StatefulDataLoader`` saves and restores it).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 64) -> None:
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.epoch = 0
+        self._yielded = 0
+        self._resume_from = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        permutation = torch.randperm(len(self.lengths), generator=generator).tolist()
+        mega = self.batch_size * self.group
+        batches = []
+        for start in range(0, len(permutation), mega):
+            chunk = sorted(permutation[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [index for b in shuffled for index in batches[b]]
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._resume_from = self._resume_from, 0
+        self._yielded = start
+        for index in self.order(self.epoch)[start:]:
+            self._yielded += 1
+            yield index
+        self.epoch, self._yielded = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._resume_from = state["epoch"], state["yielded"]
+
+
+def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """Share of padded positions when batches are taken from ``order`` and padded to their longest row."""
+    padded = real = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        padded += max(batch) * len(batch)
+        real += sum(batch)
+    return 1 - real / padded if padded else 0.0
+
+
+class SFTDataModule(L.LightningDataModule):
+    """SFT data for one regime: any :class:`Source` per split, tokenized once and cached.
+
+    Args:
+        train: the training source (``FileSource``, ``HubSource``, ``FigFontSource``, ``ReasoningGymMathSource``,
+            ``MixtureSource``, or your own ``Source`` subclass).
+        tokenizer_dir: the backbone's tokenizer (a LitGPT checkpoint directory).
+        val, test: optional evaluation sources.
+        regime: a label for summaries (strong / intermediate / weak / mixed).
+        prompt_style: ``chat_template`` or a LitGPT prompt style name.
+        system_prompt: default system message for chat templates (rows may carry their own).
+        max_seq_length: right-truncation length.
+        batch_size: sequences per optimizer step per device (split into ``model.micro_batch_size``).
+        num_workers: dataloader workers.
+        seed: shuffling seed.
+        on_bad_row: ``error`` stops at the first malformed row (naming file, line and field); ``skip`` skips
+            and counts them.
+        length_grouping: batch sequences of similar length together to cut padding.
+        cache_dir: where tokenized splits are cached.
+    """
+
+    def __init__(
+        self,
+        train: Source,
+        tokenizer_dir: Path,
+        val: Source | None = None,
+        test: Source | None = None,
+        regime: str = "custom",
+        prompt_style: str = "chat_template",
+        system_prompt: str | None = None,
+        max_seq_length: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 1,
+        on_bad_row: Literal["error", "skip"] = "error",
+        length_grouping: bool = False,
+        cache_dir: Path = Path(".cache/deft_lightning"),
+    ) -> None:
+        super().__init__()
+        if max_seq_length < 2:
+            raise ValueError(f"data.max_seq_length must be >= 2, got {max_seq_length}")
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (Path(tokenizer_dir) / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.tokenizer_dir '{tokenizer_dir}' lacks {', '.join(missing)}")
+        self.sources = {"train": train, "val": val, "test": test}
+        self.regime = regime
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.prompt_style, self.system_prompt = prompt_style, system_prompt
+        self.max_seq_length = max_seq_length
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.on_bad_row, self.length_grouping = on_bad_row, length_grouping
+        self.cache_dir = Path(cache_dir)
+        self.prompter = Prompter(tokenizer_dir, prompt_style, system_prompt)
+        self.tokenizer = self.prompter.tokenizer
+        self.datasets: dict = {}
+        self.reports: dict[str, SplitReport] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the tokenizer can produce, special tokens included."""
+        processor = self.tokenizer.processor
+        if hasattr(processor, "get_vocab_size"):  # HF tokenizers; litgpt's vocab_size leaves added tokens out
+            return processor.get_vocab_size(with_added_tokens=True)
+        return self.tokenizer.vocab_size
+
+    # ------------------------------------------------------------------ preparation
+
+    def setup(self, stage: str) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        for split in splits:
+            if self.sources[split] is None and split != "val":
+                raise ValueError(f"`{stage}` needs data.{split}")
+        for split in splits:
+            if self.sources[split] is not None and split not in self.datasets:
+                self.datasets[split], self.reports[split] = self._prepare(split)
+        if stage == "fit":
+            self.print_summary()
+
+    def _cache_key(self, source: Source) -> str:
+        digest = hashlib.sha256()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            digest.update((self.tokenizer_dir / name).read_bytes())
+        settings = [CACHE_FORMAT, source.fingerprint(), self.prompt_style, self.system_prompt, self.max_seq_length]
+        digest.update(json.dumps(settings).encode())
+        return digest.hexdigest()[:20]
+
+    def _prepare(self, split: str):
+        import datasets
+
+        source = self.sources[split]
+        path = self.cache_dir / f"{split}-{self._cache_key(source)}"
+        if (path / "report.json").is_file():
+            started = time.perf_counter()
+            dataset = datasets.load_from_disk(str(path / "tokens"))
+            report = SplitReport(**{**json.loads((path / "report.json").read_text()), "from_cache": True})
+            report.seconds = time.perf_counter() - started
+            return dataset, report
+
+        started = time.perf_counter()
+        read = RowReport()
+        report = SplitReport(source=source.name)
+        text_fields = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)
+        columns: dict[str, list] = {name: [] for name in ("input_ids", "labels", "length", *text_fields)}
+        for row in tqdm(source.rows(read, self.on_bad_row), desc=f"{split}: {source.name}", unit=" rows"):
+            input_ids, labels, truncated = encode_example(self.prompter, row, self.max_seq_length)
+            trainable = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 is never a target
+            if trainable == 0:
+                report.dropped_truncated += 1
+                continue
+            report.truncated += truncated
+            report.tokens += len(input_ids)
+            report.trainable_tokens += trainable
+            columns["input_ids"].append(input_ids)
+            columns["labels"].append(labels)
+            columns["length"].append(len(input_ids))
+            for name in text_fields:  # kept for generation and evaluation prompts
+                columns[name].append(row.get(name, ""))
+        report.examples, report.bad_rows_skipped = len(columns["length"]), len(read.skipped)
+        for message in read.skipped[:5]:
+            rank_zero_info(f"skipped bad row: {message}")
+        if not report.examples:
+            raise ValueError(
+                f"{split} source {source.name}: no example has a trainable token "
+                f"({report.dropped_truncated} responses truncated away at max_seq_length={self.max_seq_length}, "
+                f"{report.bad_rows_skipped} bad rows skipped)"
+            )
+        dataset = datasets.Dataset.from_dict(columns)
+        staging = path.with_name(path.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        datasets.disable_progress_bars()  # the row progress bar above already covered this split
+        dataset.save_to_disk(str(staging / "tokens"))
+        datasets.enable_progress_bars()
+        report.seconds = time.perf_counter() - started
+        (staging / "report.json").write_text(json.dumps(asdict(report)))  # written last: marks a complete entry
+        shutil.rmtree(path, ignore_errors=True)
+        staging.rename(path)
+        return datasets.load_from_disk(str(path / "tokens")), report
+
+    def examples(self, split: str, count: int) -> list[dict[str, str]]:
+        """The first ``count`` kept rows of a prepared split, as prompter rows (for predictions and evaluation)."""
+        text_fields = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)
+        subset = self.datasets[split].select(range(min(count, len(self.datasets[split]))))
+        return [{k: v for k, v in row.items() if v} for row in subset.select_columns(list(text_fields))]
+
+    def print_summary(self) -> None:
+        header = (
+            "split",
+            "source",
+            "examples",
+            "bad skipped",
+            "dropped",
+            "truncated",
+            "tokens",
+            "trainable",
+            "padding",
+            "prepared",
+        )
+        lines = []
+        for split, report in self.reports.items():
+            lengths = self.datasets[split]["length"]
+            order = self._train_sampler_order(lengths) if split == "train" else list(range(len(lengths)))
+            lines.append(
+                (
+                    split,
+                    report.source,
+                    str(report.examples),
+                    str(report.bad_rows_skipped),
+                    str(report.dropped_truncated),
+                    str(report.truncated),
+                    f"{report.tokens:,}",
+                    f"{report.trainable_tokens / max(1, report.tokens):.1%}",
+                    f"{padding_fraction(lengths, order, self.batch_size):.1%}",
+                    f"{report.seconds:.1f} s" + (" (cache)" if report.from_cache else ""),
+                )
+            )
+        widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+        table = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *lines]]
+        table.insert(1, "  ".join("-" * w for w in widths))
+        rank_zero_info(f"\nData ({self.regime} regime, max_seq_length={self.max_seq_length})\n" + "\n".join(table))
+
+    # ------------------------------------------------------------------ loaders
+
+    def _train_sampler_order(self, lengths: list[int]) -> list[int]:
+        if self.length_grouping:
+            return LengthGroupedSampler(lengths, self.batch_size, self.seed).order(0)
+        return torch.randperm(len(lengths), generator=torch.Generator().manual_seed(self.seed)).tolist()
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        dataset = self.datasets["train"]
+        if self.length_grouping:
+            sampler = LengthGroupedSampler(dataset["length"], self.batch_size, self.seed)
+            return self._loader(dataset, sampler=sampler)
+        return self._loader(dataset, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> StatefulDataLoader | list:
+        return self._loader(self.datasets["val"]) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.datasets["test"])
+
+    def _loader(self, dataset, **kwargs) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            dataset.with_format(columns=["input_ids", "labels"]),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            **kwargs,
+        )

@@ -1,0 +1,336 @@
+"""Where SFT rows come from: local files, the Hugging Face hub, offline generators, and mixtures of these.
+
+Every source yields rows ``{"instruction", "output", "input"?, "system"?}`` (the names the prompter reads) and
+has a ``fingerprint`` that changes whenever its rows could, so tokenized datasets can be cached by it.
+A ``fields`` mapping renames the source's own columns to these names, e.g. ``{instruction: problem,
+output: solution}``. Rows are validated as they are read: errors name the file, line (or row) and field, and
+``on_bad_row: skip`` counts and skips bad rows instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+REQUIRED_FIELDS = ("instruction", "output")
+OPTIONAL_FIELDS = ("input", "system")
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+#: the reference's FigFont system prompt (REFERENCE.md §3 gives its opening words; the rest is ours)
+FIGFONT_SYSTEM_PROMPT = (
+    "You are an expert at decoding Figlet Font ASCII art. Read the art and answer with the word it spells, "
+    "in uppercase letters, and nothing else."
+)
+
+
+class BadRowError(ValueError):
+    """A source row is malformed; the message names where and which field."""
+
+
+@dataclass
+class RowReport:
+    """What reading a source found; filled while rows are read."""
+
+    read: int = 0
+    skipped: list[str] = field(default_factory=list)  # one message per skipped bad row
+
+
+def validate_row(raw: Any, fields: Mapping[str, str], where: str) -> dict[str, str]:
+    """Map a raw record to an SFT row, or raise :class:`BadRowError` naming ``where`` and the field."""
+    if not isinstance(raw, Mapping):
+        raise BadRowError(f"{where}: expected an object, got {type(raw).__name__}")
+    row = {}
+    for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
+        column = fields.get(name, name)
+        if column not in raw or raw[column] is None:
+            if name in REQUIRED_FIELDS:
+                raise BadRowError(f"{where}: missing field '{column}'")
+            continue
+        if not isinstance(raw[column], str):
+            raise BadRowError(f"{where}: field '{column}' must be a string, got {type(raw[column]).__name__}")
+        row[name] = raw[column]
+    if not row["output"].strip():
+        raise BadRowError(f"{where}: field '{fields.get('output', 'output')}' is empty")
+    return row
+
+
+class Source:
+    """Base class: ``rows()`` yields validated rows; ``fingerprint()`` identifies their content."""
+
+    name: str = "source"
+    fields: Mapping[str, str] = {}
+
+    def rows(self, report: RowReport, on_bad_row: Literal["error", "skip"] = "error") -> Iterator[dict[str, str]]:
+        for where, raw in self.records():
+            try:
+                if isinstance(raw, BadRowError):
+                    raise raw
+                row = validate_row(raw, self.fields, where)
+            except BadRowError as err:
+                if on_bad_row == "error":
+                    raise
+                report.skipped.append(str(err))
+                continue
+            report.read += 1
+            yield row
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        """``(where, raw record)`` pairs; a record may be a :class:`BadRowError` for unreadable lines."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FileSource(Source):
+    """Local JSONL, JSON (a list of objects) or Parquet file(s).
+
+    Args:
+        path: a file, or a directory whose ``*.jsonl``/``*.json``/``*.parquet`` files are read in name order.
+        fields: our field name → the file's column name (``instruction``, ``output``, ``input``, ``system``).
+        system: system prompt for rows that have none.
+        limit: read at most this many rows.
+    """
+
+    def __init__(
+        self, path: Path, fields: dict[str, str] | None = None, system: str | None = None, limit: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.fields = dict(fields or {})
+        self.system = system
+        self.limit = limit
+        self.name = self.path.name
+
+    def _files(self) -> list[Path]:
+        if self.path.is_dir():
+            files = sorted(p for p in self.path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
+            if not files:
+                raise FileNotFoundError(f"no .jsonl/.json/.parquet files in {self.path}")
+            return files
+        if not self.path.is_file():
+            raise FileNotFoundError(f"data file not found: {self.path}")
+        return [self.path]
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        count = 0
+        for path in self._files():
+            for where, raw in _read_file(path):
+                if self.limit is not None and count >= self.limit:
+                    return
+                if self.system and isinstance(raw, dict) and not raw.get(self.fields.get("system", "system")):
+                    raw = {**raw, self.fields.get("system", "system"): self.system}
+                count += 1
+                yield where, raw
+
+    def fingerprint(self) -> str:
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self._files()]
+        return _digest("file", stats, self.fields, self.system, self.limit)
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for index, raw in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: row {index}", raw
+        return
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            yield f"{path}", BadRowError(f"{path}: not a valid UTF-8 JSON file ({err})")
+            return
+        if not isinstance(data, list):
+            yield f"{path}", BadRowError(f"{path}: expected a JSON list of objects")
+            return
+        for index, raw in enumerate(data):
+            yield f"{path}: item {index}", raw
+        return
+    with path.open("rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, BadRowError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as err:
+                yield where, BadRowError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+
+
+class HubSource(Source):
+    """A Hugging Face dataset (needs the network, or a populated ``HF_HOME`` cache).
+
+    Args:
+        dataset: the dataset id, e.g. ``gaotang/numina-cot-subset-67k``.
+        split: the split to read.
+        config_name: the dataset configuration, if it has several.
+        fields: our field name → the dataset's column name.
+        system: system prompt for rows that have none.
+        limit: read at most this many rows.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        split: str = "train",
+        config_name: str | None = None,
+        fields: dict[str, str] | None = None,
+        system: str | None = None,
+        limit: int | None = None,
+    ) -> None:
+        self.dataset, self.split, self.config_name = dataset, split, config_name
+        self.fields = dict(fields or {})
+        self.system = system
+        self.limit = limit
+        self.name = dataset
+
+    def _load(self):
+        import datasets
+
+        try:
+            data = datasets.load_dataset(self.dataset, self.config_name, split=self.split)
+        except Exception as err:
+            raise ConnectionError(
+                f"cannot load '{self.dataset}' from the Hugging Face hub ({type(err).__name__}: {err}). Offline? "
+                "Download it on a connected machine and read the files with deft_lightning.data.FileSource."
+            ) from None
+        missing = [c for c in (self.fields.get(n, n) for n in REQUIRED_FIELDS) if c not in data.column_names]
+        if missing:
+            raise BadRowError(
+                f"'{self.dataset}' has no column(s) {missing}; its columns are {data.column_names} — "
+                "map them with `fields:` (e.g. fields: {instruction: problem, output: solution})"
+            )
+        return data if self.limit is None else data.select(range(min(self.limit, len(data))))
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        for index, raw in enumerate(self._load()):
+            if self.system and not raw.get(self.fields.get("system", "system")):
+                raw = {**raw, self.fields.get("system", "system"): self.system}
+            yield f"{self.dataset}[{self.split}] row {index}", raw
+
+    def fingerprint(self) -> str:
+        return _digest("hub", self.dataset, self.split, self.config_name, self.fields, self.system, self.limit)
+
+
+class FigFontSource(Source):
+    """The weak regime: FigFont puzzles from reasoning-gym, generated exactly as the reference does.
+
+    Items are ``create_dataset('figlet_font', seed=seed, min_word_len=2, max_word_len=5, space_letters=True)``
+    indexed from ``start`` (each index draws from its own ``Random(seed + index)``): 0–39,999 is the training
+    split, 40,000–44,999 the test split.
+    """
+
+    def __init__(self, start: int = 0, count: int = 40_000, seed: int = 42, system: str = FIGFONT_SYSTEM_PROMPT):
+        self.start, self.count, self.seed, self.system = start, count, seed, system
+        self.name = f"figfont[{start}:{start + count}]"
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        import reasoning_gym
+
+        dataset = reasoning_gym.create_dataset(
+            "figlet_font", size=10, seed=self.seed, min_word_len=2, max_word_len=5, space_letters=True
+        )
+        for index in range(self.start, self.start + self.count):
+            item = dataset[index]
+            yield (
+                f"figlet_font item {index}",
+                {"instruction": item["question"], "output": item["answer"], "system": self.system},
+            )
+
+    def fingerprint(self) -> str:
+        import reasoning_gym
+
+        return _digest("figfont", self.start, self.count, self.seed, self.system, reasoning_gym.__version__)
+
+
+class ReasoningGymMathSource(Source):
+    """An offline stand-in for the strong (math) regime: reasoning-gym problems with ``\\boxed{}`` answers.
+
+    The prompt is the problem followed by the reference's instruction to reason step by step and box the
+    answer; the target is a short solution ending in ``\\boxed{answer}``.
+    """
+
+    def __init__(
+        self,
+        task: str = "basic_arithmetic",
+        start: int = 0,
+        count: int = 1000,
+        seed: int = 1,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.task, self.start, self.count, self.seed = task, start, count, seed
+        self.options = dict(options or {})
+        self.name = f"{task}[{start}:{start + count}]"
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        import reasoning_gym
+
+        dataset = reasoning_gym.create_dataset(self.task, size=self.start + self.count, seed=self.seed, **self.options)
+        for index in range(self.start, self.start + self.count):
+            item = dataset[index]
+            yield (
+                f"{self.task} item {index}",
+                {
+                    "instruction": f"{item['question']}\n{BOXED_INSTRUCTION}",
+                    "output": f"The final answer is \\boxed{{{item['answer']}}}.",
+                },
+            )
+
+    def fingerprint(self) -> str:
+        import reasoning_gym
+
+        return _digest("rg", self.task, self.start, self.count, self.seed, self.options, reasoning_gym.__version__)
+
+
+def mixture_counts(weights: list[float], total: int) -> list[int]:
+    """Largest-remainder allocation: counts sum to ``total`` and each is within 1 of ``total · w / Σw``."""
+    if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"mixture weights must be non-negative with a positive sum, got {weights}")
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class MixtureSource(Source):
+    """A weighted mixture: ``total`` rows, ``weights``-proportional from each source, drawn by ``seed``.
+
+    Each source contributes a seeded random subset without replacement (an error if it has too few rows).
+    """
+
+    def __init__(self, sources: list[Source], weights: list[float], total: int, seed: int = 1) -> None:
+        if len(sources) != len(weights):
+            raise ValueError(f"{len(sources)} mixture sources but {len(weights)} weights")
+        self.sources, self.weights, self.total, self.seed = sources, weights, total, seed
+        self.counts = mixture_counts(weights, total)
+        self.name = "mixture(" + ", ".join(f"{s.name}×{c}" for s, c in zip(sources, self.counts, strict=True)) + ")"
+
+    def rows(self, report: RowReport, on_bad_row: Literal["error", "skip"] = "error") -> Iterator[dict[str, str]]:
+        rng = random.Random(self.seed)
+        chosen: list[dict[str, str]] = []
+        for source, count in zip(self.sources, self.counts, strict=True):
+            rows = list(source.rows(report, on_bad_row))
+            if count > len(rows):
+                raise ValueError(f"mixture asks {count} rows of {source.name}, which has only {len(rows)}")
+            chosen += rng.sample(rows, count)
+        rng.shuffle(chosen)
+        report.read = len(chosen)
+        yield from chosen
+
+    def fingerprint(self) -> str:
+        return _digest("mix", [s.fingerprint() for s in self.sources], self.weights, self.total, self.seed)
