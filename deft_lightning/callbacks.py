@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
 from deft_lightning.generation import SamplingConfig
 
@@ -58,7 +57,9 @@ class FitSummary(L.Callback):
         return [prompter.decode(samples[0]) for samples in outputs]
 
     def _wants_predictions(self, trainer: L.Trainer) -> bool:
-        return self.enabled and self.predictions > 0 and hasattr(trainer.datamodule, "examples")
+        # generation runs on one process; a sharded model would need every rank in each forward
+        single = trainer.world_size == 1
+        return self.enabled and self.predictions > 0 and single and hasattr(trainer.datamodule, "examples")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
@@ -73,10 +74,12 @@ class FitSummary(L.Callback):
     def _scalars(trainer: L.Trainer) -> dict[str, float]:
         return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.enabled:
-            return
+        log_dir = trainer.log_dir  # a collective call under distributed strategies: every rank takes part
+        if self.enabled and trainer.is_global_zero:
+            self._print(trainer, pl_module, log_dir)
+
+    def _print(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> None:
         last = self._scalars(trainer)
         facts = [
             ("objective", repr(getattr(pl_module, "objective", "-"))),
@@ -84,8 +87,8 @@ class FitSummary(L.Callback):
             ("skipped steps (non-finite grad)", str(getattr(pl_module, "skipped_steps", 0))),
             ("wall time", f"{time.perf_counter() - self._started:.1f} s"),
         ]
-        if trainer.log_dir:
-            facts.append(("log dir", trainer.log_dir))
+        if log_dir:
+            facts.append(("log dir", log_dir))
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and (checkpoint.last_model_path or checkpoint.best_model_path):
             facts.append(("checkpoint", checkpoint.last_model_path or checkpoint.best_model_path))

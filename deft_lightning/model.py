@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from litgpt import GPT, Config
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from deft_lightning.generation import SamplingConfig, generate
 from deft_lightning.objectives import NLL, Objective, objective_from_spec
 from deft_lightning.prepare_model import CheckpointError, load_state_dict, validate_checkpoint_dir
 from deft_lightning.statistics import DEFAULT_CHUNK_ELEMENTS, Needs, TokenStats, target_log_probs
+from deft_lightning.strategies import shard_blocks
 
 IGNORE_INDEX = -100
 #: statistics for monitoring only, computed on logging steps
@@ -82,6 +84,8 @@ class DeftModule(L.LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``learning_rate``.
         gradient_clip: max global gradient norm (``0`` disables clipping; non-finite norms always skip the step).
         loss_chunk_elements: fp32 elements per chunk of logits when computing the loss and its statistics.
+        activation_checkpointing: recompute each transformer block in the backward pass (FSDP2 path; with
+            Lightning's ``FSDPStrategy`` use its ``activation_checkpointing_policy`` instead).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class DeftModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_clip: float = 1.0,
         loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.objective = objective_from_spec(objective) if objective is not None else NLL()
@@ -128,6 +133,8 @@ class DeftModule(L.LightningModule):
                     f"'{self.hparams.checkpoint_dir}/lit_model.pth' does not fit its model_config.yaml: "
                     f"{str(err).splitlines()[0]}"
                 ) from None
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
+            shard_blocks(self.model, self.device_mesh["data_parallel"], self.hparams.activation_checkpointing)
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
@@ -194,6 +201,8 @@ class DeftModule(L.LightningModule):
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.parameters(), self.hparams.gradient_clip if self.hparams.gradient_clip > 0 else math.inf
         )
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm is itself sharded
+            grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):
             optimizer.step()
             scheduler.step()
@@ -259,13 +268,27 @@ class DeftModule(L.LightningModule):
             weight_decay=self.hparams.weight_decay,
             betas=tuple(self.hparams.betas),
         )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        total_steps = self._total_steps()
         warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: cosine_with_warmup(step, warmup_steps, total_steps, self.hparams.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole fit, for the cosine schedule.
+
+        Not ``trainer.estimated_stepping_batches``: reading it sets up the train dataloader before Lightning
+        restores its saved position, and a resumed run would restart the epoch (Lightning #20550).
+        """
+        if self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        datamodule = self.trainer.datamodule
+        if datamodule is None or self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
+            raise ValueError("set trainer.max_steps (or trainer.max_epochs with a DataModule) for the LR schedule")
+        per_epoch = len(datamodule.train_dataloader())
+        return max(1, per_epoch * self.trainer.max_epochs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps

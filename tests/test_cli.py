@@ -25,7 +25,7 @@ def fit_args(tmp_path: Path, *extra: str, steps: int = 10) -> list[str]:
         CONFIG,
         f"--trainer.max_steps={steps}",
         "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
         *extra,
     ]
 
@@ -69,11 +69,11 @@ def test_module_entry_point_trains_and_logs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Fit summary" in result.stdout
-    rows = read_metrics(tmp_path / "tiny" / "version_0")
+    rows = read_metrics(tmp_path / "run")
     losses = [float(r["train/nll"]) for r in rows if r["train/nll"]]
     assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])  # it learns
     assert any(r["val/nll"] for r in rows)
-    checkpoint = next((tmp_path / "tiny" / "version_0" / "checkpoints").glob("*.ckpt"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     module = DeftModule.load_from_checkpoint(checkpoint, weights_only=True)
     assert module.hparams["objective"] == {"class_path": "deft_lightning.objectives.DEFT", "init_args": {}}
     assert type(module.objective).__name__ == "DEFT"
@@ -110,9 +110,9 @@ def test_custom_objective_outside_the_package(tmp_path, monkeypatch):
 
 def test_validate_and_test_subcommands(tmp_path):
     data = f"--data.init_args.test={{class_path: FileSource, init_args: {{path: {ROOT / 'data/tiny/val.jsonl'}}}}}"
-    cli = main(["validate", "--config", CONFIG, f"--trainer.logger.init_args.save_dir={tmp_path}", data])
+    cli = main(["validate", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path / 'run'}", data])
     assert "val/nll" in cli.trainer.callback_metrics
-    cli = main(["test", "--config", CONFIG, f"--trainer.logger.init_args.save_dir={tmp_path}", data])
+    cli = main(["test", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path / 'run'}", data])
     nll = float(cli.trainer.callback_metrics["test/nll"])
     assert 0 < nll < 10
 
@@ -157,7 +157,7 @@ def test_regime_configs_fit_offline_on_the_tiny_model(tmp_path, regime):
         *SMALL_SOURCES[regime],
         "--trainer.max_steps=3",
         "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
         f"--data.init_args.cache_dir={tmp_path / 'cache'}",
     ]
     cli = main(args)

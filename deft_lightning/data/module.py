@@ -31,7 +31,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
@@ -317,14 +317,19 @@ class SFTDataModule(L.LightningDataModule):
     def _train_sampler_order(self, lengths: list[int]) -> list[int]:
         if self.length_grouping:
             return LengthGroupedSampler(lengths, self.batch_size, self.seed).order(0)
-        return torch.randperm(len(lengths), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        return torch.randperm(len(lengths), generator=torch.Generator().manual_seed(self.seed)).tolist()  # epoch 0
 
     def train_dataloader(self) -> StatefulDataLoader:
         dataset = self.datasets["train"]
+        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if self.length_grouping:
-            sampler = LengthGroupedSampler(dataset["length"], self.batch_size, self.seed)
-            return self._loader(dataset, sampler=sampler)
-        return self._loader(dataset, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+            if replicas > 1:
+                raise ValueError("data.length_grouping is single-process only for now; set it to false")
+            return self._loader(dataset, sampler=LengthGroupedSampler(dataset["length"], self.batch_size, self.seed))
+        # one permutation per epoch, split across ranks: the union of the ranks' batches at step k is the batch
+        # a single process with the same global batch would see at step k, whatever the number of ranks
+        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
+        return self._loader(dataset, sampler=sampler)
 
     def val_dataloader(self) -> StatefulDataLoader | list:
         return self._loader(self.datasets["val"]) if "val" in self.datasets else []

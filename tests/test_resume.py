@@ -1,0 +1,140 @@
+"""Interrupted runs: kill -9 at a random step, kill -9 during a checkpoint write, SIGTERM; exact resume."""
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 24, 4
+pytestmark = pytest.mark.slow
+
+
+def command(run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "deft_lightning",
+        "fit",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.max_steps={STEPS}",
+        f"--checkpoint.every_n_train_steps={EVERY}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=0",
+        f"--data.init_args.cache_dir={run_dir.parent / 'cache'}",
+        *extra,
+    ]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command(run_dir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600, env=environment()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+
+
+def start_and_interrupt(run_dir: Path, until, sig: int, *extra: str) -> None:
+    """Start a fit and send `sig` once `until(run_dir)` holds."""
+    process = subprocess.Popen(
+        command(run_dir, *extra), cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    while not until(run_dir):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run(run_dir)
+    assert logged_steps(run_dir) == list(range(STEPS))
+    return run_dir
+
+
+def reached(step: int):
+    def check(run_dir: Path) -> bool:
+        try:
+            return max(logged_steps(run_dir), default=-1) >= step
+        except (FileNotFoundError, KeyError, ValueError):
+            return False
+
+    return check
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert logged_steps(run_dir) == list(range(STEPS))  # no gap, no repeat
+    expected = weights(reference)
+    for name, value in weights(run_dir).items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_kill_at_a_random_step_then_resume_is_exact(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    start_and_interrupt(run_dir, reached(random.Random().randint(EVERY + 1, STEPS - 3)), signal.SIGKILL)
+    assert weights(run_dir)  # a checkpoint from before the kill
+    run(run_dir, "--ckpt_path=last")
+    assert_same_run(run_dir, reference)
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    plugin = "--trainer.plugins=fault_injection.StallingCheckpointIO"
+
+    def writing(run_dir: Path) -> bool:  # the second last.ckpt (step 8) is half-written and stalled
+        folder = run_dir / "checkpoints"
+        return (folder / f"step={2 * EVERY}.ckpt").is_file() and any(folder.glob(".last.ckpt.tmp-*"))
+
+    start_and_interrupt(run_dir, writing, signal.SIGKILL, plugin)
+    checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)  # intact and loadable
+    assert checkpoint["global_step"] == EVERY  # the first last.ckpt; the second (step 8) was being written
+    run(run_dir, "--ckpt_path=last")
+    assert_same_run(run_dir, reference)
+    assert not list((run_dir / "checkpoints").glob(".*.tmp-*"))  # the next write of that file replaced it
+
+
+def test_sigterm_writes_a_resumable_checkpoint(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    start_and_interrupt(run_dir, reached(EVERY + 2), signal.SIGTERM)
+    step = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"]
+    assert step > EVERY  # taken at preemption, not the last periodic one
+    run(run_dir, "--ckpt_path=last")
+    assert_same_run(run_dir, reference)
+
+
+def test_resume_without_checkpoint_is_an_error_unless_auto(tmp_path):
+    result = subprocess.run(
+        command(tmp_path / "run", "--ckpt_path=last"), cwd=ROOT, capture_output=True, text=True, env=environment()
+    )
+    assert result.returncode != 0 and "no " in result.stderr and "--ckpt_path auto" in result.stderr
+    run(tmp_path / "run", "--ckpt_path=auto", "--trainer.max_steps=4")
+    again = subprocess.run(
+        command(tmp_path / "run", "--trainer.max_steps=4"), cwd=ROOT, capture_output=True, text=True, env=environment()
+    )
+    assert again.returncode != 0 and "already holds checkpoints" in again.stderr
