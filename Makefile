@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test test-fast run bench-fit lint format clean
+.PHONY: setup model test test-fast run bench bench-fit lint format clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,11 @@ test-fast: setup
 run: model
 	$(PY) -m deft_lightning fit --config configs/quickstart.yaml
 
+bench: setup
+	$(PY) -m deft_lightning bench loss --size smollm2
+
 bench-fit: setup
-	$(PY) benchmarks/fit_overhead.py --config configs/tiny.yaml --objectives NLL DEFT Cayley EAFT
+	$(PY) -m deft_lightning bench fit --config configs/tiny.yaml --objectives NLL DEFT Cayley EAFT
 
 lint: setup
 	$(PY) -m ruff check .

@@ -16,11 +16,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from litgpt import GPT, Config
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
+from deft_lightning.fused import fused_objective_loss
 from deft_lightning.generation import SamplingConfig, generate
 from deft_lightning.objectives import NLL, Objective, objective_from_spec
 from deft_lightning.prepare_model import CheckpointError, load_state_dict, validate_checkpoint_dir
@@ -86,6 +88,10 @@ class DeftModule(L.LightningModule):
         loss_chunk_elements: fp32 elements per chunk of logits when computing the loss and its statistics.
         activation_checkpointing: recompute each transformer block in the backward pass (FSDP2 path; with
             Lightning's ``FSDPStrategy`` use its ``activation_checkpointing_policy`` instead).
+        fused: train through the fused projection + objective pass (:mod:`deft_lightning.fused`), which never
+            holds the ``[tokens × vocab]`` logits. ``false`` materializes them (the plain path, for debugging).
+            Batch-dependent objectives, soft-capped logits, a biased head and sharded strategies use the plain
+            path either way.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class DeftModule(L.LightningModule):
         gradient_clip: float = 1.0,
         loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         activation_checkpointing: bool = False,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.objective = objective_from_spec(objective) if objective is not None else NLL()
@@ -163,6 +170,39 @@ class DeftModule(L.LightningModule):
         """Completions of token-id prompts with the KV cache (see :func:`deft_lightning.generation.generate`)."""
         return generate(self.model, prompts, eos_id, sampling)
 
+    def uses_fused_path(self) -> bool:
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy) if self._trainer else False
+        return (
+            self.hparams.fused
+            and not self.objective.batch_dependent
+            and self.config.final_logit_softcapping is None
+            and not self.config.lm_head_bias
+            and not sharded
+        )
+
+    def _hidden_states(self, input_ids: Tensor) -> Tensor:
+        """The final-norm output: the model's forward with its output head bypassed."""
+        head = self.model.lm_head
+        self.model.lm_head = torch.nn.Identity()
+        try:
+            return self.model(input_ids)
+        finally:
+            self.model.lm_head = head
+
+    def _fused_step(self, input_ids: Tensor, labels: Tensor, needs: Needs, scale: float):
+        """Scaled loss sum (for backward), per-token losses, log p and statistics, without materialized logits."""
+        hidden = self._hidden_states(input_ids)
+        return fused_objective_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.model.lm_head.weight,
+            shift_labels(labels).reshape(-1),
+            self.objective,
+            scale,
+            needs,
+            IGNORE_INDEX,
+            self.hparams.loss_chunk_elements,
+        )
+
     def _token_losses(self, input_ids: Tensor, labels: Tensor, needs: Needs) -> tuple[Tensor, Tensor, TokenStats]:
         """Per-token objective loss, differentiable log p and statistics of the trainable tokens."""
         logits = self(input_ids)
@@ -191,11 +231,17 @@ class DeftModule(L.LightningModule):
         scale = self.trainer.world_size / global_tokens
 
         needs = self.objective.needs | (MONITOR_NEEDS if self._is_logging_step() else Needs())
+        fused = self.uses_fused_path()
         sums: dict[str, Tensor] = {}
         for input_ids, labels in zip(input_chunks, label_chunks, strict=True):
-            token_loss, logp, stats = self._token_losses(input_ids, labels, needs)
-            self.manual_backward(token_loss.sum() * scale)
-            for name, values in self._train_metric_values(token_loss, logp, stats).items():
+            if fused:
+                loss, token_loss, gate, logp, stats = self._fused_step(input_ids, labels, needs, scale)
+                self.manual_backward(loss)
+            else:
+                token_loss, logp, stats = self._token_losses(input_ids, labels, needs)
+                self.manual_backward(token_loss.sum() * scale)
+                gate = self.objective.weight(logp, stats)
+            for name, values in self._train_metric_values(token_loss, gate, logp, stats).items():
                 sums[name] = sums.get(name, 0) + values.sum()
 
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -223,12 +269,13 @@ class DeftModule(L.LightningModule):
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in PROGRESS_BAR_METRICS, rank_zero_only=True)
 
-    def _train_metric_values(self, token_loss: Tensor, logp: Tensor, stats: TokenStats) -> dict[str, Tensor]:
-        values = {"loss": token_loss.detach(), "nll": -logp.detach(), "p": stats.prob}
+    def _train_metric_values(
+        self, token_loss: Tensor, gate: Tensor, logp: Tensor, stats: TokenStats
+    ) -> dict[str, Tensor]:
+        values = {"loss": token_loss.detach(), "nll": -logp.detach(), "p": stats.prob, "weight": gate}
         alpha = self.objective.focus_index(stats)
         if alpha is not None:
             values["alpha"] = alpha
-        values["weight"] = self.objective.weight(logp, stats)
         for name, stat in (("entropy", "entropy"), ("acc", "correct")):
             if stat in stats:
                 values[name] = getattr(stats, stat)

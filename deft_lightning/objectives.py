@@ -41,6 +41,8 @@ class Objective(ABC):
     """A per-token loss ``token_loss(logp, stats)``; see the module docstring for the contract."""
 
     needs: Needs = NO_STATS
+    #: True when a token's loss depends on other tokens' statistics (then the fused path cannot chunk it)
+    batch_dependent: bool = False
 
     @abstractmethod
     def token_loss(self, logp: Tensor, stats: TokenStats) -> Tensor:
@@ -50,12 +52,17 @@ class Objective(ABC):
         """The per-token focus index α (detached) for deformed-log objectives; ``None`` for the others."""
         return None
 
-    def weight(self, logp: Tensor, stats: TokenStats) -> Tensor:
-        """Detached per-token gate w = −∂loss/∂logp: the logit gradient is w · (softmax − onehot)."""
+    def loss_and_weight(self, logp: Tensor, stats: TokenStats) -> tuple[Tensor, Tensor]:
+        """Detached per-token loss and gate w = −∂loss/∂logp (the logit gradient is w · (softmax − onehot))."""
         logp = logp.detach().requires_grad_(True)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(self.token_loss(logp, stats).sum(), logp)
-        return -grad
+            loss = self.token_loss(logp, stats)
+            (grad,) = torch.autograd.grad(loss.sum(), logp)
+        return loss.detach(), -grad
+
+    def weight(self, logp: Tensor, stats: TokenStats) -> Tensor:
+        """Detached per-token gate w = −∂loss/∂logp: the logit gradient is w · (softmax − onehot)."""
+        return self.loss_and_weight(logp, stats)[1]
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Reference form on raw tensors: ``logits [N, V]``, ``targets [N]`` → per-token loss ``[N]`` (no masking)."""
@@ -161,6 +168,8 @@ class CayleyReference(Objective):
     """The public code's "Cayley_Trans" (REFERENCE.md §2), not Eq. 17: α_loc = p/(2 − p), floor
     f = ½·mean(p) over the tokens it is given (a micro-batch's response tokens), α = clamp(f + (1 − f)·α_loc,
     0.001, 1), detached."""
+
+    batch_dependent = True
 
     def token_loss(self, logp: Tensor, stats: TokenStats) -> Tensor:
         return deformed_log_loss(logp, self.focus_index(stats))

@@ -83,7 +83,7 @@ def chunk_rows(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) ->
     return max(1, chunk_elements // vocab_size)
 
 
-def _chunk_statistics(z: Tensor, lse: Tensor, targets: Tensor, needs: Needs) -> dict[str, Tensor]:
+def chunk_statistics(z: Tensor, lse: Tensor, targets: Tensor, needs: Needs) -> dict[str, Tensor]:
     out = {}
     if needs.entropy:
         log_q = z - lse[:, None]
@@ -114,7 +114,7 @@ class _TargetLogProb(torch.autograd.Function):
             t = targets[start:stop]
             lse[start:stop] = torch.logsumexp(z, dim=-1)
             logp[start:stop] = z.gather(1, t[:, None]).squeeze(1) - lse[start:stop]
-            for name, value in _chunk_statistics(z, lse[start:stop], t, needs).items():
+            for name, value in chunk_statistics(z, lse[start:stop], t, needs).items():
                 stats.setdefault(name, []).append(value)
         ctx.save_for_backward(logits, rows, targets, lse)
         ctx.chunk = chunk

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_fit_command
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP2 = [
@@ -19,23 +20,14 @@ pytestmark = pytest.mark.slow
 
 
 def fit(run_dir: Path, steps: int, per_rank_batch: int, *extra: str) -> None:
-    args = [
-        sys.executable,
-        "-m",
-        "deft_lightning",
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"--trainer.default_root_dir={run_dir}",
+    args = tiny_fit_command(
+        run_dir,
         f"--trainer.max_steps={steps}",
         "--checkpoint.every_n_train_steps=4",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.limit_val_batches=0",
         f"--data.init_args.batch_size={per_rank_batch}",
         "--model.micro_batch_size=4",
-        f"--data.init_args.cache_dir={run_dir.parent / 'cache'}",
         *extra,
-    ]
+    )
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -5,12 +5,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_fit_command
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 24, 4
@@ -18,21 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 def command(run_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "deft_lightning",
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.max_steps={STEPS}",
-        f"--checkpoint.every_n_train_steps={EVERY}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.limit_val_batches=0",
-        f"--data.init_args.cache_dir={run_dir.parent / 'cache'}",
-        *extra,
-    ]
+    return tiny_fit_command(
+        run_dir, f"--trainer.max_steps={STEPS}", f"--checkpoint.every_n_train_steps={EVERY}", *extra
+    )
 
 
 def environment() -> dict[str, str]:

@@ -1,0 +1,234 @@
+"""Side-by-side benchmarks; every figure is a ratio against a baseline measured in the same run.
+
+python -m deft_lightning bench loss [--size smollm2|qwen1.5b] [--repeats 5]
+    forward+backward of the loss step (output projection included) per implementation, each case in a fresh
+    process: median time over --repeats runs after one warm-up, and peak memory above the inputs
+    (CUDA: max allocated; CPU: peak RSS), as ratios to materialized-logits NLL (F.cross_entropy).
+python -m deft_lightning bench fit [--config configs/tiny.yaml] [--objectives NLL DEFT] [--steps 200]
+    per-step time of `fit` (forward, backward, optimizer) per objective, interleaved rounds, ratio to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+SIZES = {"smollm2": (4096, 576, 49_152), "qwen1.5b": (8192, 1536, 151_936), "tiny": (256, 32, 1000)}
+LOSS_CASES = [
+    "materialized NLL",
+    "litgpt chunked CE",
+    "reference DEFT",
+    "plain DEFT",
+    "fused NLL",
+    "fused DEFT",
+    "fused Cayley",
+    "fused EAFT",
+]
+
+
+def _loss_case(name: str) -> Callable:  # (hidden, weight, targets) -> scalar loss; imports stay in the child
+    import torch
+    import torch.nn.functional as F
+
+    from deft_lightning import objectives
+    from deft_lightning.fused import fused_objective_loss
+    from deft_lightning.statistics import target_log_probs
+
+    def materialized_nll(h, w, t):
+        return F.cross_entropy((h @ w.T).float(), t, ignore_index=-100)
+
+    def litgpt_chunked(h, w, t):
+        from litgpt.utils import chunked_cross_entropy
+
+        return chunked_cross_entropy(h @ w.T, t, chunk_size=128)
+
+    def reference_deft(h, w, t):  # the public code: full fp32 log-softmax, a second softmax for α, α + 1e-6
+        logits = (h @ w.T).float()
+        keep = t != -100
+        logp = torch.log_softmax(logits, -1).gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+        alpha = (torch.softmax(logits, -1) ** 2).sum(-1).detach()
+        loss = -(torch.exp(alpha * logp) - 1) / (alpha + 1e-6)
+        return (loss * keep).sum() / keep.sum()
+
+    def plain(objective):
+        def run(h, w, t):
+            logp, stats = target_log_probs(h @ w.T, t, objective.needs)
+            return objective.token_loss(logp, stats).sum() / (t != -100).sum()
+
+        return run
+
+    def fused(objective):
+        def run(h, w, t):
+            return fused_objective_loss(h, w, t, objective, 1.0 / int((t != -100).sum()))[0]
+
+        return run
+
+    return {
+        "materialized NLL": materialized_nll,
+        "litgpt chunked CE": litgpt_chunked,
+        "reference DEFT": reference_deft,
+        "plain DEFT": plain(objectives.DEFT()),
+        "fused NLL": fused(objectives.NLL()),
+        "fused DEFT": fused(objectives.DEFT()),
+        "fused Cayley": fused(objectives.Cayley()),
+        "fused EAFT": fused(objectives.EAFT()),
+    }[name]
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_loss_case(name: str, size: str, repeats: int, device: str) -> dict:
+    """In this (fresh) process: time and peak memory of one loss implementation."""
+    import resource
+
+    import torch
+
+    n, d, v = SIZES[size]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 on CPU is far slower than fp32
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=generator).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=generator) * d**-0.5).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=generator).to(device)
+    targets[: n // 10] = -100  # some prompt tokens
+    loss_fn = _loss_case(name)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _resident_bytes()
+    times = []
+    for _ in range(repeats + 1):
+        hidden.grad = weight.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        loss_fn(hidden, weight, targets).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {"case": name, "seconds": statistics.median(times[1:]), "peak_bytes": peak}
+
+
+def bench_loss(size: str, repeats: int) -> None:
+    device = "cuda" if _cuda_available() else "cpu"
+    rows = []
+    for name in LOSS_CASES:
+        result = subprocess.run(
+            [sys.executable, "-m", "deft_lightning.bench", "_loss_case", name, size, str(repeats), device],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            rows.append({"case": name, "error": result.stderr.strip().splitlines()[-1][:80]})
+            continue
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(f"  {name}: {rows[-1]['seconds']:.3f} s", file=sys.stderr, flush=True)
+    base = rows[0]
+    n, d, v = SIZES[size]
+    print(f"\nloss step, forward + backward, N={n} d={d} V={v}, {device}, median of {repeats} after warm-up")
+    print(f"{'case':<20}{'time (s)':>10}{'× NLL':>8}{'peak (MiB)':>12}{'× NLL':>8}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['case']:<20}  failed: {row['error']}")
+            continue
+        print(
+            f"{row['case']:<20}{row['seconds']:>10.3f}{row['seconds'] / base['seconds']:>8.2f}"
+            f"{row['peak_bytes'] / 2**20:>12.0f}{row['peak_bytes'] / base['peak_bytes']:>8.2f}"
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def bench_fit(config: str, objectives: list[str], steps: int, warmup: int, rounds: int) -> None:
+    import lightning as L
+
+    from deft_lightning.cli import main
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args: object) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: object) -> None:
+            self.times.append(time.perf_counter() - self._start)
+
+    def step_times(objective: str) -> list[float]:
+        timer = StepTimer()
+        cli = main(
+            [
+                "--config",
+                config,
+                f"--model.objective={objective}",
+                f"--trainer.max_steps={steps}",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.limit_val_batches=0",
+                "--trainer.logger=false",
+                "--trainer.enable_checkpointing=false",
+                "--trainer.enable_model_summary=false",
+                "--summary.enabled=false",
+            ],
+            run=False,
+        )
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return timer.times[warmup:]
+
+    samples: dict[str, list[float]] = {name: [] for name in objectives}
+    for _ in range(rounds):
+        for name in objectives:
+            samples[name] += step_times(name)
+    base = statistics.median(samples[objectives[0]])
+    print(f"\nfit step (forward, backward, optimizer), {config}, {rounds} interleaved rounds × {steps - warmup} steps")
+    print(f"{'objective':<18}{'median step (ms)':>18}{'ratio':>8}")
+    for name, times in samples.items():
+        print(f"{name:<18}{statistics.median(times) * 1e3:>18.2f}{statistics.median(times) / base:>8.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_loss_case":  # internal: one case in a fresh process
+        name, size, repeats, device = argv[1], argv[2], int(argv[3]), argv[4]
+        print(json.dumps(run_loss_case(name, size, repeats, device)))
+        return
+    parser = argparse.ArgumentParser(
+        prog="python -m deft_lightning bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    modes = parser.add_subparsers(dest="mode", required=True)
+    loss = modes.add_parser("loss")
+    loss.add_argument("--size", choices=list(SIZES), default="smollm2")
+    loss.add_argument("--repeats", type=int, default=5)
+    fit = modes.add_parser("fit")
+    fit.add_argument("--config", default="configs/tiny.yaml")
+    fit.add_argument("--objectives", nargs="+", default=["NLL", "DEFT", "Cayley", "EAFT"])
+    fit.add_argument("--steps", type=int, default=200)
+    fit.add_argument("--warmup", type=int, default=20)
+    fit.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.mode == "loss":
+        bench_loss(args.size, args.repeats)
+    else:
+        bench_fit(args.config, args.objectives, args.steps, args.warmup, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

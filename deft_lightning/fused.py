@@ -1,0 +1,106 @@
+"""The fused path: output projection + objective + gradients, chunk by chunk, never holding ``[tokens × vocab]``.
+
+Every objective's logit gradient is ``w · (softmax − onehot)`` with a detached per-token weight ``w``, and the
+step's loss scale (``world_size / global token count``) is known before the forward pass. So, for each chunk
+of trainable tokens, the forward pass computes the logits ``h Wᵀ`` in fp32, log p, the statistics the objective
+declares, the token losses and weights, and right away the gradients w.r.t. the hidden states and the output
+weight (as Liger-Kernel's fused linear cross-entropy does for NLL). Backward only scales the stored gradients.
+Three matmuls per chunk, like the materialized path, and memory of one chunk of logits instead of all of them.
+
+Objectives whose weights depend on the whole batch (``Objective.batch_dependent``, e.g. ``CayleyReference``'s
+batch-mean floor) and models with logit soft-capping take the plain path instead; nothing changes silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from deft_lightning.objectives import Objective
+from deft_lightning.statistics import STAT_NAMES, Needs, TokenStats, chunk_rows, chunk_statistics
+
+
+class _FusedObjectiveLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        rows: Tensor,
+        targets: Tensor,
+        objective: Objective,
+        needs: Needs,
+        scale: float,
+        chunk: int,
+    ):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        n = rows.numel()
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        losses, gates, logps, stats = [], [], [], {name: [] for name in needs.requested()}
+        for start in range(0, n, chunk):
+            index, y = rows[start : start + chunk], targets[start : start + chunk]
+            h = hidden.index_select(0, index)
+            z = (h @ weight.T).to(dtype)
+            lse = torch.logsumexp(z, dim=-1)
+            logp = z.gather(1, y[:, None]).squeeze(1) - lse
+            chunk_stats = chunk_statistics(z, lse, y, replace(needs, collision=False))
+            probs = z.sub_(lse[:, None]).exp_()  # softmax, in place: the gradient needs it anyway
+            if needs.collision:  # Σ p² from the softmax at hand, no second exp pass
+                chunk_stats["collision"] = torch.bmm(probs[:, None, :], probs[:, :, None]).flatten()
+            token_stats = TokenStats(logp, probs.shape[-1], **chunk_stats)
+            token_loss, gate = objective.loss_and_weight(logp, token_stats)
+            losses.append(token_loss)
+            gates.append(gate)
+            gate = gate * scale
+            # ∂(scale·Σ loss)/∂z = gate · (softmax − onehot), in place on the softmax chunk
+            grad_z = probs.mul_(gate[:, None])
+            grad_z.scatter_add_(1, y[:, None], -gate[:, None])
+            grad_z = grad_z.to(hidden.dtype)
+            grad_hidden.index_copy_(0, index, grad_z @ weight)
+            grad_weight.addmm_(grad_z.T.to(dtype), h.to(dtype))
+            logps.append(logp)
+            for name, value in chunk_stats.items():
+                stats[name].append(value)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        empty = hidden.new_empty(0, dtype=dtype)
+        token_loss, gate, logp = (torch.cat(x) if x else empty for x in (losses, gates, logps))
+        outputs = [torch.cat(stats[name]) if name in stats and n else empty for name in STAT_NAMES]
+        ctx.mark_non_differentiable(token_loss, gate, logp, *outputs)
+        return (token_loss.sum() * scale, token_loss, gate, logp, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None
+
+
+def fused_objective_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    objective: Objective,
+    scale: float,
+    needs: Needs | None = None,
+    ignore_index: int = -100,
+    chunk_elements: int = 2**24,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, TokenStats]:
+    """``scale · Σ token losses`` of the kept rows, differentiable w.r.t. ``hidden [N, d]`` and ``weight [V, d]``.
+
+    Returns the scaled loss sum (call ``backward`` on it) and, detached, the per-token losses, gates, log p and
+    statistics of the kept rows (``needs`` adds statistics for logging to the objective's own).
+    """
+    if objective.batch_dependent:
+        raise ValueError(f"{objective!r} depends on batch-level statistics; use the plain path (fused: false)")
+    needs = objective.needs | (needs or Needs())
+    targets = targets.long()
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    chunk = chunk_rows(weight.shape[0], chunk_elements)
+    loss, token_loss, gate, logp, *stats = _FusedObjectiveLoss.apply(
+        hidden, weight, rows, targets.index_select(0, rows), objective, needs, scale, chunk
+    )
+    computed = dict(zip(STAT_NAMES, stats, strict=True))
+    stats = TokenStats(logp, weight.shape[0], **{n: computed[n] for n in needs.requested()})
+    return loss, token_loss, gate, logp, stats
