@@ -204,6 +204,104 @@ def bench_fit(config: str, objectives: list[str], steps: int, warmup: int, round
         print(f"{name:<18}{statistics.median(times) * 1e3:>18.2f}{statistics.median(times) / base:>8.3f}")
 
 
+def bench_litgpt(checkpoint_dir: str, data: str, steps: int, batch: int, micro: int, length: int) -> None:
+    import re
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix="bench-litgpt-")
+    litgpt = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "litgpt",
+            "finetune_full",
+            checkpoint_dir,
+            "--data",
+            "JSON",
+            "--data.json_path",
+            data,
+            "--data.val_split_fraction",
+            "0.05",
+            "--data.prompt_style",
+            "smollm2",
+            "--data.mask_prompt",
+            "true",
+            "--train.global_batch_size",
+            str(batch),
+            "--train.micro_batch_size",
+            str(micro),
+            "--train.max_steps",
+            str(steps),
+            "--train.max_seq_length",
+            str(length),
+            "--train.log_interval",
+            "1",
+            "--eval.interval",
+            "100000",
+            "--eval.initial_validation",
+            "false",
+            "--eval.final_validation",
+            "false",
+            "--precision",
+            "32-true",
+            "--devices",
+            "1",
+            "--out_dir",
+            f"{out}/litgpt",
+            "--logger_name",
+            "csv",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if litgpt.returncode != 0:
+        raise SystemExit(f"litgpt finetune_full failed:\n{litgpt.stderr[-2000:]}")
+    tokens = int(re.search(r"Tokens w/ Prompt\s*:\s*(\d+)", litgpt.stdout).group(1))
+    seconds = float(re.search(r"Training Time\s*:\s*([\d.]+)", litgpt.stdout).group(1))
+    rows = [("litgpt finetune_full (NLL)", tokens, seconds)]
+    for objective in ("NLL", "DEFT"):
+        ours = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deft_lightning",
+                "fit",
+                "--config",
+                "configs/quickstart.yaml",
+                f"--model.checkpoint_dir={checkpoint_dir}",
+                f"--data.init_args.tokenizer_dir={checkpoint_dir}",
+                f"--data.init_args.train.init_args.path={data}",
+                "--data.init_args.prompt_style=smollm2",
+                f"--data.init_args.max_seq_length={length}",
+                f"--data.init_args.batch_size={batch}",
+                f"--model.micro_batch_size={micro}",
+                f"--model.objective={objective}",
+                f"--trainer.max_steps={steps}",
+                "--trainer.limit_val_batches=0",
+                "--trainer.logger=false",
+                "--trainer.enable_checkpointing=false",
+                "--trainer.enable_progress_bar=false",
+                "--summary.enabled=false",
+                f"--trainer.default_root_dir={out}/ours",
+                "--trainer.callbacks+=deft_lightning.callbacks.TrainingThroughput",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if ours.returncode != 0:
+            raise SystemExit(f"fit failed:\n{ours.stderr[-2000:]}")
+        result = json.loads([line for line in ours.stdout.splitlines() if line.startswith('{"tokens"')][-1])
+        rows.append((f"deft_lightning fit ({objective})", result["tokens"], result["seconds"]))
+    base = rows[0][1] / rows[0][2]
+    print(
+        f"\ntraining throughput, {checkpoint_dir}, {data}, {steps} steps of {batch} (micro {micro}), "
+        f"max {length} tokens, fp32, first step included"
+    )
+    print(f"{'run':<30}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'× litgpt':>10}")
+    for name, tokens, seconds in rows:
+        print(f"{name:<30}{tokens:>8}{seconds:>10.1f}{tokens / seconds:>10.1f}{tokens / seconds / base:>10.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_loss_case":  # internal: one case in a fresh process
@@ -223,11 +321,22 @@ def main(argv: list[str] | None = None) -> None:
     fit.add_argument("--steps", type=int, default=200)
     fit.add_argument("--warmup", type=int, default=20)
     fit.add_argument("--rounds", type=int, default=3)
+    versus = modes.add_parser("litgpt")
+    versus.add_argument("--checkpoint-dir", default="checkpoints/SmolLM2-135M-Instruct")
+    versus.add_argument("--data", default="data/figfont/train.jsonl")
+    versus.add_argument("--steps", type=int, default=6)
+    versus.add_argument("--batch-size", type=int, default=8)
+    versus.add_argument("--micro-batch-size", type=int, default=4)
+    versus.add_argument("--max-seq-length", type=int, default=384)
     args = parser.parse_args(argv)
     if args.mode == "loss":
         bench_loss(args.size, args.repeats)
-    else:
+    elif args.mode == "fit":
         bench_fit(args.config, args.objectives, args.steps, args.warmup, args.rounds)
+    else:
+        bench_litgpt(
+            args.checkpoint_dir, args.data, args.steps, args.batch_size, args.micro_batch_size, args.max_seq_length
+        )
 
 
 if __name__ == "__main__":

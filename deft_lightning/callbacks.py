@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import lightning as L
+import torch
 
 from deft_lightning.generation import SamplingConfig
 
@@ -105,3 +107,22 @@ class FitSummary(L.Callback):
             rows = [(t, repr(b), repr(a)) for t, b, a in zip(targets, self._before, after, strict=True)]
             sections += ["", _table(("target", "before (greedy)", "after (greedy)"), rows)]
         print("\n".join(sections), flush=True)
+
+
+class TrainingThroughput(L.Callback):
+    """Prints ``{"tokens": non-padding tokens trained on, "seconds": training wall time}`` as JSON when training
+    ends (first step included), for throughput comparisons with other trainers (``bench litgpt``)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, *args: object
+    ) -> None:
+        labels = batch["labels"]
+        positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
+        self.tokens += int(((labels != -100) * positions).amax(dim=1).sum())  # a row ends after its last target
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(json.dumps({"tokens": self.tokens, "seconds": time.perf_counter() - self.started}), flush=True)

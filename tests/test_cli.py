@@ -1,6 +1,7 @@
 """`python -m deft_lightning fit|validate|test --config`: a short fit per objective, logs, custom objectives."""
 
 import csv
+import json
 import subprocess
 import sys
 import textwrap
@@ -163,3 +164,11 @@ def test_regime_configs_fit_offline_on_the_tiny_model(tmp_path, regime):
     cli = main(args)
     assert cli.trainer.global_step == 3
     assert cli.datamodule.regime == regime and cli.datamodule.reports["train"].examples > 0
+
+
+def test_training_throughput_callback_counts_unpadded_tokens(tmp_path, capsys):
+    cli = main(fit_args(tmp_path, "--trainer.callbacks+=deft_lightning.callbacks.TrainingThroughput", steps=2))
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith('{"tokens"')][-1]
+    result = json.loads(line)
+    first = next(iter(cli.datamodule.train_dataloader()))
+    assert result["seconds"] > 0 and 0 < result["tokens"] <= 2 * first["input_ids"].numel()
