@@ -220,8 +220,8 @@ class DeftModule(L.LightningModule):
         micro = self.hparams.micro_batch_size or batch["input_ids"].shape[0]
         input_chunks, label_chunks = batch["input_ids"].split(micro), batch["labels"].split(micro)
 
-        local_tokens = sum(int((shift_labels(labels) != IGNORE_INDEX).sum()) for labels in label_chunks)
-        global_tokens = int(self._sum_over_ranks(torch.tensor([float(local_tokens)], device=self.device)).item())
+        local_tokens = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum().float().reshape(1)
+        global_tokens = int(self._sum_over_ranks(local_tokens).item())  # one host sync per step
         if global_tokens == 0:
             raise RuntimeError(
                 f"training batch {batch_idx} has no trainable tokens on any rank (every label is masked); "
