@@ -6,6 +6,10 @@ python -m deft_lightning bench loss [--size smollm2|qwen1.5b] [--repeats 5]
     (CUDA: max allocated; CPU: peak RSS), as ratios to materialized-logits NLL (F.cross_entropy).
 python -m deft_lightning bench fit [--config configs/tiny.yaml] [--objectives NLL DEFT] [--steps 200]
     per-step time of `fit` (forward, backward, optimizer) per objective, interleaved rounds, ratio to the first.
+python -m deft_lightning bench litgpt [--checkpoint-dir ...] [--steps 6]
+    training tokens/s of `fit` (NLL and DEFT) vs `litgpt finetune_full` on the same model, data and batch.
+python -m deft_lightning bench generate [--checkpoint-dir ...] [--items 32] [--batch-sizes 1 16]
+    generation tokens/s on FigFont test prompts (greedy, KV cache) per batch size, ratio to the first.
 """
 
 from __future__ import annotations
@@ -302,6 +306,46 @@ def bench_litgpt(checkpoint_dir: str, data: str, steps: int, batch: int, micro: 
         print(f"{name:<30}{tokens:>8}{seconds:>10.1f}{tokens / seconds:>10.1f}{tokens / seconds / base:>10.3f}")
 
 
+def bench_generate(
+    checkpoint_dir: str, items: int, max_new_tokens: int, batch_sizes: list[int], device: str, rounds: int
+) -> None:
+    import torch
+
+    from deft_lightning.evaluation import FigFont
+    from deft_lightning.evaluation.run import load_weights, resolve_candidate
+    from deft_lightning.generation import SamplingConfig, generate
+    from deft_lightning.prompting import Prompter
+
+    candidate = resolve_candidate("model", checkpoint_dir)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_weights(candidate, torch.device(device), dtype)
+    prompter = Prompter(candidate.tokenizer_dir, candidate.prompt_style)
+    prompts = [prompter.prompt_ids(item.row) for item in FigFont(limit=items).items()]
+    generate(model, prompts[:2], prompter.tokenizer.eos_id, SamplingConfig(max_new_tokens=4))  # warm-up
+    times: dict[int, list[float]] = {size: [] for size in batch_sizes}
+    tokens: dict[int, int] = {}
+    for _ in range(rounds):  # interleaved, so machine noise hits every batch size alike
+        for size in batch_sizes:
+            started = time.perf_counter()
+            outputs = generate(
+                model, prompts, prompter.tokenizer.eos_id, SamplingConfig(max_new_tokens, batch_size=size)
+            )
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[size].append(time.perf_counter() - started)
+            tokens[size] = sum(len(o[0]) for o in outputs)
+    print(
+        f"\ngeneration, {checkpoint_dir}, {items} FigFont test prompts "
+        f"({min(map(len, prompts))}–{max(map(len, prompts))} tokens), greedy, ≤ {max_new_tokens} new tokens, "
+        f"{dtype}, {device}, median of {rounds}"
+    )
+    print(f"{'batch size':<12}{'new tokens':>11}{'seconds':>10}{'tokens/s':>10}{'× first':>9}")
+    base = tokens[batch_sizes[0]] / statistics.median(times[batch_sizes[0]])
+    for size in batch_sizes:
+        rate = tokens[size] / statistics.median(times[size])
+        print(f"{size:<12}{tokens[size]:>11}{statistics.median(times[size]):>10.2f}{rate:>10.1f}{rate / base:>9.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_loss_case":  # internal: one case in a fresh process
@@ -328,8 +372,17 @@ def main(argv: list[str] | None = None) -> None:
     versus.add_argument("--batch-size", type=int, default=8)
     versus.add_argument("--micro-batch-size", type=int, default=4)
     versus.add_argument("--max-seq-length", type=int, default=384)
+    gen = modes.add_parser("generate")
+    gen.add_argument("--checkpoint-dir", default="checkpoints/SmolLM2-135M-Instruct")
+    gen.add_argument("--items", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    gen.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    gen.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    if args.mode == "loss":
+    if args.mode == "generate":
+        bench_generate(args.checkpoint_dir, args.items, args.max_new_tokens, args.batch_sizes, args.device, args.rounds)
+    elif args.mode == "loss":
         bench_loss(args.size, args.repeats)
     elif args.mode == "fit":
         bench_fit(args.config, args.objectives, args.steps, args.warmup, args.rounds)

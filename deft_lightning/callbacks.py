@@ -1,4 +1,4 @@
-"""Callbacks the CLI always attaches."""
+"""Callbacks: the CLI always attaches FitSummary; TrainingThroughput and BenchmarkValidation are opt-in."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
+from deft_lightning.evaluation.benchmarks import Benchmark
+from deft_lightning.evaluation.run import run_benchmark
 from deft_lightning.generation import SamplingConfig
+from deft_lightning.tables import format_table
 
 #: metrics shown at the first and the last step
 TRACKED = (
@@ -20,15 +25,6 @@ TRACKED = (
     "train/tokens_per_s",
     "train/trained_tokens_per_s",
 )
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 class FitSummary(L.Callback):
@@ -94,18 +90,18 @@ class FitSummary(L.Callback):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and (checkpoint.last_model_path or checkpoint.best_model_path):
             facts.append(("checkpoint", checkpoint.last_model_path or checkpoint.best_model_path))
-        sections = ["", "Fit summary", _table(("", ""), facts)]
+        sections = ["", "Fit summary", format_table(("", ""), facts)]
         tracked = [name for name in TRACKED if name in last]
         steps = [(n, f"{self._first[n]:.4g}" if n in self._first else "-", f"{last[n]:.4g}") for n in tracked]
-        sections += ["", _table(("metric", "first step", "last step"), steps)]
+        sections += ["", format_table(("metric", "first step", "last step"), steps)]
         others = [(n, f"{v:.4g}") for n, v in sorted(last.items()) if n not in tracked]
         if others:
-            sections += ["", _table(("metric", "final"), others)]
+            sections += ["", format_table(("metric", "final"), others)]
         if self._wants_predictions(trainer):
             after = self._predict(trainer, pl_module)
             targets = [row["output"] for row in trainer.datamodule.examples("train", self.predictions)]
             rows = [(t, repr(b), repr(a)) for t, b, a in zip(targets, self._before, after, strict=True)]
-            sections += ["", _table(("target", "before (greedy)", "after (greedy)"), rows)]
+            sections += ["", format_table(("target", "before (greedy)", "after (greedy)"), rows)]
         print("\n".join(sections), flush=True)
 
 
@@ -126,3 +122,63 @@ class TrainingThroughput(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             print(json.dumps({"tokens": self.tokens, "seconds": time.perf_counter() - self.started}), flush=True)
+
+
+class BenchmarkValidation(L.Callback):
+    """Every ``every_n_steps`` optimizer steps, generates answers for the first ``limit`` items of each
+    benchmark with the model being trained and logs their metrics as ``eval/<benchmark>/<metric>``.
+
+    Prompts are rendered by the datamodule's prompter (the training prompt format). Runs on global rank 0 on
+    an unsharded model (single device or DDP); under FSDP it is skipped with a warning.
+
+    Args:
+        benchmarks: e.g. ``deft_lightning.evaluation.FigFont`` with ``init_args: {start: 44000}``.
+        every_n_steps: how often to evaluate.
+        limit: items per benchmark (a small validation subset).
+        batch_size: sequences generated together.
+        seed: sampling seed (as in ``evaluate``).
+    """
+
+    def __init__(
+        self,
+        benchmarks: list[Benchmark],
+        every_n_steps: int = 100,
+        limit: int = 32,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        if every_n_steps < 1 or limit < 1:
+            raise ValueError(f"BenchmarkValidation: every_n_steps and limit must be >= 1, got {every_n_steps}, {limit}")
+        self.benchmarks, self.every_n_steps, self.limit = benchmarks, every_n_steps, limit
+        self.batch_size, self.seed = batch_size, seed
+        self.items: dict[str, list] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # bad benchmark files fail here, before training starts
+            self.items = {b.name: b.items()[: self.limit] for b in self.benchmarks}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_step == 0 or trainer.global_step % self.every_n_steps or not self.items:
+            return
+        if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+            rank_zero_warn("BenchmarkValidation is skipped under sharded strategies (generation needs the full model)")
+            self.items = {}
+            return
+        if not trainer.is_global_zero:
+            return
+        logged = {}
+        for benchmark in self.benchmarks:
+            metrics, _, throughput = run_benchmark(
+                pl_module.model,
+                trainer.datamodule.prompter,
+                benchmark,
+                self.items[benchmark.name],
+                self.seed,
+                self.batch_size,
+            )
+            for name, value in {**metrics, "tokens_per_s": throughput["tokens_per_s"]}.items():
+                logged[f"eval/{benchmark.name}/{name}"] = value
+        # straight to the loggers at this step (self.log from a callback lands in a later step's row)
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})

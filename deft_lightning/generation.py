@@ -1,18 +1,26 @@
-"""Batched greedy / sampled generation with LitGPT's KV cache.
+"""Batched greedy / sampled generation with LitGPT's KV cache, for prompts of any mix of lengths.
 
-litgpt's ``batched_generate_fn`` needs prompts of one length per batch (its rope and KV caches take one
-position vector), so requests are grouped by prompt length and each group runs in batches; ``n`` samples of
-one prompt always share a batch. Sampling uses the global torch RNG: seed it for reproducible samples.
+litgpt's own ``batched_generate_fn`` takes one position vector per batch, so it needs prompts of equal length.
+LitGPT's ``GPT`` also accepts per-row positions (``input_pos`` of shape ``[B, T]``), which is all ragged
+batching needs: prompts are right-padded for the prefill, and each row then decodes at its own next position.
+A row's pad slots in the KV cache lie after its last real token, so the causal mask hides them until the row
+overwrites them with its own generated tokens. Only the last prompt position's logits are computed.
+
+Sampling is reproducible per request, independent of batch size and order: sample ``k`` of prompt ``i`` draws
+from its own generator seeded by ``(seeds[i], k)``.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from litgpt import GPT
-from litgpt.generate.base import batched_generate_fn
+from litgpt.generate.base import sample_top_p
+from torch import Tensor
+from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)
@@ -25,54 +33,125 @@ class SamplingConfig:
     num_samples: int = 1
     batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        if self.temperature == 0 and self.num_samples > 1:
+            raise ValueError("greedy decoding (temperature 0) gives identical samples; set num_samples=1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"invalid sampling settings: {self}")
+
+
+@contextmanager
+def _head_on_positions(model: GPT, positions: Tensor) -> Iterator[None]:
+    """Feed the output head only the final-norm output at ``positions[b]`` of each row ``b``."""
+    rows = torch.arange(positions.numel(), device=positions.device)
+    hook = model.transformer.ln_f.register_forward_hook(lambda module, args, out: out[rows, positions].unsqueeze(1))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def _sample_seed(seed: int, sample: int) -> int:
+    return (seed * 1_000_003 + sample * 7_919 + 12_345) % (2**63)
+
+
+class _Sampler:
+    """Next tokens from ``[B, V]`` logits: greedy, or per-row generators (top-p as in ``litgpt.generate``)."""
+
+    def __init__(self, sampling: SamplingConfig, seeds: list[int], device: torch.device) -> None:
+        self.sampling = sampling
+        self.generators = []
+        if sampling.temperature > 0:
+            for seed in seeds:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(seed)
+                self.generators.append(generator)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if not self.generators:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / self.sampling.temperature
+        tokens = []
+        for row, generator in zip(logits, self.generators, strict=True):
+            if self.sampling.top_p < 1:
+                row = sample_top_p(row, self.sampling.top_p)
+            tokens.append(torch.multinomial(torch.softmax(row, dim=-1), 1, generator=generator))
+        return torch.cat(tokens)
+
+
+def _generate_batch(model: GPT, prompts: list[list[int]], eos_id: int, sampler: _Sampler, max_new: int) -> list:
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = int(lengths.max())
+    model.clear_kv_cache()  # the previous batch's cache is shorter or larger than this one needs
+    model.max_seq_length = longest + max_new
+    model.set_kv_cache(batch_size=len(prompts), device=device)
+    tokens = torch.tensor([p + [eos_id] * (longest - len(p)) for p in prompts], device=device)
+    positions = torch.arange(longest, device=device).expand(len(prompts), -1)
+    with _head_on_positions(model, lengths - 1):
+        logits = model(tokens, positions, input_pos_maxp1=longest)[:, -1]
+    completions: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for step in range(max_new):
+        next_tokens = sampler(logits)
+        done |= next_tokens == eos_id
+        for completion, token, finished in zip(completions, next_tokens.tolist(), done.tolist(), strict=True):
+            if not finished:
+                completion.append(token)
+        if bool(done.all()) or step == max_new - 1:
+            break
+        positions = (lengths + step).unsqueeze(1)
+        logits = model(next_tokens.unsqueeze(1), positions, input_pos_maxp1=longest + step + 1)[:, -1]
+    return completions
+
 
 @torch.no_grad()  # not inference_mode: the rope cache rebuilt here must stay usable by autograd
 def generate(
-    model: GPT, prompts: list[list[int]], eos_id: int, sampling: SamplingConfig = SamplingConfig()
+    model: GPT,
+    prompts: list[list[int]],
+    eos_id: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    seeds: list[int] | None = None,
+    progress: str | None = None,
 ) -> list[list[list[int]]]:
-    """For each prompt, ``num_samples`` completions (token ids, stopped at and excluding EOS)."""
-    if sampling.temperature == 0 and sampling.num_samples > 1:
-        raise ValueError("greedy decoding (temperature 0) gives identical samples; set num_samples=1")
-    by_length: dict[int, list[int]] = defaultdict(list)
+    """For each prompt, ``sampling.num_samples`` completions (token ids, stopped at and excluding EOS).
+
+    Args:
+        seeds: one seed per prompt for sampling (default: the prompt's index); ignored when greedy.
+        progress: show a progress bar with this description.
+    """
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     for index, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {index} is empty")
-        by_length[len(prompt)] += [index] * sampling.num_samples
-    outputs: list[list[list[int]]] = [[] for _ in prompts]
+        if len(prompt) + sampling.max_new_tokens > model.config.block_size:
+            raise ValueError(
+                f"prompt {index} has {len(prompt)} tokens; with {sampling.max_new_tokens} new tokens that "
+                f"exceeds the model's block_size {model.config.block_size}"
+            )
+    # requests sorted by prompt length, so a batch's rows need little padding
+    requests = sorted(
+        ((i, k) for i in range(len(prompts)) for k in range(sampling.num_samples)), key=lambda r: len(prompts[r[0]])
+    )
+    outputs: list[list[list[int]]] = [[[] for _ in range(sampling.num_samples)] for _ in prompts]
     was_training, device = model.training, next(model.parameters()).device
     original_max_seq_length = model.max_seq_length
     model.eval()
-    sample_args = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": None}
+    bar = tqdm(total=len(requests), desc=progress, unit="seq", disable=progress is None, dynamic_ncols=True)
     try:
-        for length, indices in sorted(by_length.items()):
-            total = length + sampling.max_new_tokens
-            if total > model.config.block_size:
-                raise ValueError(
-                    f"prompt of {length} tokens + {sampling.max_new_tokens} new tokens exceeds the "
-                    f"model's block_size {model.config.block_size}"
-                )
-            model.max_seq_length = total
-            for start in range(0, len(indices), sampling.batch_size):
-                batch = indices[start : start + sampling.batch_size]
-                model.set_kv_cache(batch_size=len(batch), device=device)
-                tokens = torch.tensor([prompts[i] for i in batch], device=device)
-                completions: list[list[int]] = [[] for _ in batch]
-                for step in batched_generate_fn(
-                    model,
-                    tokens,
-                    total,
-                    sample_args=sample_args,
-                    stop_tokens=([eos_id],),
-                    include_prompt=False,
-                    include_eos=False,
-                ):
-                    for completion, token in zip(completions, step, strict=True):
-                        if token is not None:
-                            completion.append(int(token))
-                model.clear_kv_cache()
-                for i, completion in zip(batch, completions, strict=True):
-                    outputs[i].append(completion)
+        for start in range(0, len(requests), sampling.batch_size):
+            batch = requests[start : start + sampling.batch_size]
+            sampler = _Sampler(sampling, [_sample_seed(seeds[i], k) for i, k in batch], device)
+            completions = _generate_batch(
+                model, [prompts[i] for i, _ in batch], eos_id, sampler, sampling.max_new_tokens
+            )
+            for (i, k), completion in zip(batch, completions, strict=True):
+                outputs[i][k] = completion
+            bar.update(len(batch))
     finally:
+        bar.close()
         model.clear_kv_cache()
         model.max_seq_length = original_max_seq_length
         model.train(was_training)

@@ -21,28 +21,49 @@ def tiny_model():
     return GPT(Config(name="t", block_size=64, vocab_size=320, padded_vocab_size=320, n_layer=2, n_head=2, n_embd=32))
 
 
-def test_batched_generation_equals_one_prompt_at_a_time(tiny_model):
-    prompts = [[5, 6, 7], [8, 9, 10], [11, 12], [13, 14, 15, 16]]
-    config = SamplingConfig(max_new_tokens=6, batch_size=4)
+def naive_greedy(model, prompt, steps, eos_id):
+    """Greedy decoding by full forward passes, no KV cache: the reference for the cached, batched path."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        token = int(model(torch.tensor([tokens]))[0, -1].argmax())
+        if token == eos_id:
+            break
+        tokens.append(token)
+    return tokens[len(prompt) :]
+
+
+def test_ragged_batched_greedy_equals_full_forward_decoding(tiny_model):
+    prompts = [[5, 6, 7], [8, 9, 10, 30, 31, 32, 33], [11, 12], [13, 14, 15, 16], [40]]
+    config = SamplingConfig(max_new_tokens=6, batch_size=4)  # mixed lengths in one batch, and a second batch
     batched = generate(tiny_model, prompts, eos_id=1, sampling=config)
-    single = [generate(tiny_model, [p], eos_id=1, sampling=config)[0] for p in prompts]
-    assert batched == single
+    assert batched == [[naive_greedy(tiny_model, p, 6, eos_id=1)] for p in prompts]
     assert all(len(c[0]) <= 6 and 1 not in c[0] for c in batched)
     assert tiny_model.training  # restored
 
 
-def test_sampling_is_seeded_and_respects_num_samples(tiny_model):
-    config = SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9, num_samples=3)
-    torch.manual_seed(1)
-    first = generate(tiny_model, [[5, 6], [7, 8, 9]], eos_id=1, sampling=config)
-    torch.manual_seed(1)
-    assert generate(tiny_model, [[5, 6], [7, 8, 9]], eos_id=1, sampling=config) == first
-    assert [len(samples) for samples in first] == [3, 3]
+def test_generation_stops_each_row_at_its_own_eos(tiny_model):
+    prompt = [5, 6, 7]
+    free = naive_greedy(tiny_model, prompt, 6, eos_id=-1)
+    eos = free[2]  # make the third greedy token the EOS of this request
+    out = generate(tiny_model, [prompt, [8, 9]], eos_id=eos, sampling=SamplingConfig(max_new_tokens=6))
+    assert out[0] == [free[: free.index(eos)]]
+    assert out[1] == [naive_greedy(tiny_model, [8, 9], 6, eos_id=eos)]
+
+
+def test_sampling_is_seeded_per_request_whatever_the_batching(tiny_model):
+    prompts = [[5, 6], [7, 8, 9], [10, 11, 12, 13]]
+    config = SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9, num_samples=3, batch_size=8)
+    first = generate(tiny_model, prompts, eos_id=1, sampling=config, seeds=[3, 4, 5])
+    one_by_one = SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9, num_samples=3, batch_size=1)
+    assert generate(tiny_model, prompts[::-1], eos_id=1, sampling=one_by_one, seeds=[5, 4, 3]) == first[::-1]
+    assert [len(samples) for samples in first] == [3, 3, 3]
+    assert len({tuple(s) for samples in first for s in samples}) > 3  # samples differ
+    assert generate(tiny_model, prompts, eos_id=1, sampling=config, seeds=[6, 4, 5])[0] != first[0]
 
 
 def test_generation_errors(tiny_model):
     with pytest.raises(ValueError, match="identical samples"):
-        generate(tiny_model, [[5]], eos_id=1, sampling=SamplingConfig(num_samples=2))
+        SamplingConfig(num_samples=2)
     with pytest.raises(ValueError, match="exceeds the model's block_size 64"):
         generate(tiny_model, [[5] * 60], eos_id=1, sampling=SamplingConfig(max_new_tokens=10))
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from deft_lightning.data.sources import OPTIONAL_FIELDS, REQUIRED_FIELDS, RowReport, Source
 from deft_lightning.prompting import Prompter
+from deft_lightning.tables import format_table
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 1  # bump when the tokenized layout or the encoding rules change
@@ -307,10 +308,8 @@ class SFTDataModule(L.LightningDataModule):
                     f"{report.seconds:.1f} s" + (" (cache)" if report.from_cache else ""),
                 )
             )
-        widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
-        table = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *lines]]
-        table.insert(1, "  ".join("-" * w for w in widths))
-        rank_zero_info(f"\nData ({self.regime} regime, max_seq_length={self.max_seq_length})\n" + "\n".join(table))
+        title = f"Data ({self.regime} regime, max_seq_length={self.max_seq_length})"
+        rank_zero_info(f"\n{title}\n{format_table(header, lines)}")
 
     # ------------------------------------------------------------------ loaders
 

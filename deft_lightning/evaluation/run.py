@@ -1,0 +1,362 @@
+"""``python -m deft_lightning evaluate --config <yaml>``: models × benchmarks → one table per suite.
+
+Models are LitGPT checkpoint directories (the base model) or ``.ckpt`` files written by ``fit``; a fit's
+tokenizer and prompt style are read from its run directory's ``config.yaml``. Everything is checked (paths,
+benchmark files and rows, prompt lengths) before the first model is loaded. Results go to ``out_dir``:
+
+- ``results.json``: every (model, benchmark) cell with its metrics, sampling, seed, throughput and a key;
+- ``results.csv``: the same metrics, one ``model, suite, benchmark, metric, value`` row each;
+- ``generations/<model>/<benchmark>.jsonl``: every prompt, reference, sample, extracted answer and score;
+- ``tables.md``: the printed tables.
+
+Files are replaced atomically after every cell; a rerun reuses cells whose key (model file, benchmark, sampling,
+seed, prompt settings) is unchanged, so a killed evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deft_lightning.evaluation.benchmarks import Benchmark, Item
+from deft_lightning.generation import generate
+from deft_lightning.prompting import CHAT_TEMPLATE, Prompter
+from deft_lightning.tables import format_table
+
+RESULTS_FORMAT = 1
+
+
+@dataclass
+class Candidate:
+    """A model to evaluate, resolved (and checked) without loading its weights."""
+
+    name: str
+    path: Path
+    tokenizer_dir: Path
+    prompt_style: str
+    system_prompt: str | None
+    config: Any  # litgpt Config
+
+    def fingerprint(self) -> list[Any]:
+        stat = self.path.stat() if self.path.is_file() else (self.path / "lit_model.pth").stat()
+        return [str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, str(self.tokenizer_dir), self.prompt_style]
+
+
+def _run_settings(checkpoint: Path) -> dict[str, Any]:
+    """Tokenizer and prompt settings of the fit that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt``)."""
+    import yaml
+
+    config_file = checkpoint.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        return {}
+    config = yaml.safe_load(config_file.read_text()) or {}
+    data = config.get("data") or {}
+    return {**(data.get("init_args") or data), "checkpoint_dir": (config.get("model") or {}).get("checkpoint_dir")}
+
+
+def resolve_candidate(
+    name: str, path: Path, tokenizer_dir: Path | None = None, prompt_style: str | None = None
+) -> Candidate:
+    """Where the weights, tokenizer and prompt style of model ``name`` come from; errors name the path."""
+    from deft_lightning.model import resolve_model_config
+    from deft_lightning.prepare_model import CheckpointError, validate_checkpoint_dir
+
+    path = Path(path)
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise ValueError(f"model name '{name}' must be letters, digits, '_', '-', '.' or '+' (it names files)")
+    settings: dict[str, Any] = {}
+    if path.is_dir():
+        validate_checkpoint_dir(path, ("lit_model.pth", "model_config.yaml"))
+        config = resolve_model_config(None, None, path)
+        default_tokenizer = path
+    elif path.is_file() and path.suffix == ".ckpt":
+        try:
+            hparams = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
+        except Exception as err:
+            raise CheckpointError(f"cannot read '{path}' as a fit checkpoint ({type(err).__name__}: {err})") from None
+        config = resolve_model_config(hparams.get("model_name"), hparams.get("model_config"), None)
+        settings = _run_settings(path)
+        base = hparams.get("checkpoint_dir") or settings.get("checkpoint_dir")
+        if base is not None:
+            config = resolve_model_config(None, hparams.get("model_config"), Path(base))
+        default_tokenizer = settings.get("tokenizer_dir") or base
+    else:
+        raise CheckpointError(
+            f"model '{name}': '{path}' is neither a LitGPT checkpoint directory nor a fit's .ckpt file"
+        )
+    tokenizer = tokenizer_dir or default_tokenizer
+    if tokenizer is None or not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise CheckpointError(f"model '{name}': no tokenizer.json found for '{path}'; set tokenizer_dir")
+    style = prompt_style or settings.get("prompt_style") or CHAT_TEMPLATE
+    return Candidate(name, path, Path(tokenizer), style, settings.get("system_prompt"), config)
+
+
+def load_weights(candidate: Candidate, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from litgpt import GPT
+
+    from deft_lightning.prepare_model import load_state_dict
+
+    with torch.device("meta"):
+        model = GPT(candidate.config)
+    if candidate.path.is_dir():
+        state = load_state_dict(candidate.path)
+    else:
+        full = torch.load(candidate.path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+        state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+    model = model.to_empty(device=device)
+    model.load_state_dict(state)
+    model.reset_parameters()  # GPT's own: rebuilds the rope cache (a buffer, not in the state dict)
+    return model.to(dtype).eval()
+
+
+def item_seed(seed: int, benchmark: str, item_id: str) -> int:
+    return int(hashlib.sha256(f"{seed}/{benchmark}/{item_id}".encode()).hexdigest()[:15], 16)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_benchmark(
+    model: torch.nn.Module,
+    prompter: Prompter,
+    benchmark: Benchmark,
+    items: list[Item],
+    seed: int,
+    batch_size: int,
+    progress: str | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, float]]:
+    """Generate, score and aggregate one benchmark: ``(metrics, per-item records, throughput)``."""
+    prompts = [prompter.prompt_ids(item.row) for item in items]
+    sampling = benchmark.sampling(batch_size)
+    started = time.perf_counter()
+    outputs = generate(
+        model,
+        prompts,
+        prompter.tokenizer.eos_id,
+        sampling,
+        seeds=[item_seed(seed, benchmark.name, item.id) for item in items],
+        progress=progress,
+    )
+    seconds = time.perf_counter() - started
+    records, scores = [], []
+    for item, prompt, samples in zip(items, prompts, outputs, strict=True):
+        texts = [prompter.decode(ids) for ids in samples]
+        item_scores = [benchmark.scorer.score(text, item.reference) for text in texts]
+        scores.append(item_scores)
+        records.append(
+            {
+                "id": item.id,
+                "prompt": prompter.decode(prompt),
+                "reference": item.reference,
+                "samples": [{"output": t, **s} for t, s in zip(texts, item_scores, strict=True)],
+            }
+        )
+    new_tokens = sum(len(ids) for samples in outputs for ids in samples)
+    throughput = {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_s": new_tokens / max(seconds, 1e-9)}
+    return benchmark.aggregate(scores), records, throughput
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temporary.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def suite_tables(cells: list[dict[str, Any]], benchmarks: list[Benchmark], models: list[str]) -> str:
+    """One table per suite, laid out like the paper's: models as rows, benchmarks (and their average) as columns."""
+    by_cell = {(c["model"], c["benchmark"]): c["metrics"] for c in cells}
+    suites: dict[str, list[Benchmark]] = {}
+    for benchmark in benchmarks:
+        suites.setdefault(benchmark.suite, []).append(benchmark)
+    sections = []
+    for suite, members in suites.items():
+        if len(members) == 1:
+            columns = [(members[0].name, metric) for metric in members[0].table_metrics]
+            header = ["model", *(f"{name} {metric}" for name, metric in columns)]
+        else:
+            columns = [(b.name, b.table_metrics[0]) for b in members]
+            header = ["model", *(name for name, _ in columns), "Avg"]
+        rows = []
+        for model in models:
+            values = [by_cell.get((model, name), {}).get(metric) for name, metric in columns]
+            row = [model, *("-" if v is None else f"{v:.2f}" for v in values)]
+            if len(members) > 1:
+                row.append("-" if None in values else f"{sum(values) / len(values):.2f}")
+            rows.append(row)
+        metrics = ", ".join(sorted({metric for _, metric in columns}))
+        sections.append(f"{suite} ({metrics}, %)\n{format_table(header, rows)}")
+    return "\n\n".join(sections)
+
+
+def throughput_table(cells: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            c["model"],
+            c["benchmark"],
+            c["items"],
+            c["sampling"]["num_samples"],
+            c["new_tokens"],
+            f"{c['seconds']:.1f}",
+            f"{c['tokens_per_s']:.1f}",
+            "earlier run" if c.get("reused") else "this run",
+        )
+        for c in cells
+    ]
+    header = ("model", "benchmark", "items", "samples", "new tokens", "seconds", "tokens/s", "generated in")
+    return "generation\n" + format_table(header, rows)
+
+
+def evaluate(
+    models: dict[str, Path],
+    benchmarks: list[Benchmark],
+    out_dir: Path = Path("runs/eval"),
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str = "auto",
+    precision: str | None = None,
+    tokenizer_dir: Path | None = None,
+    prompt_style: str | None = None,
+    reuse: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every model on every benchmark and write the results (see the module docstring).
+
+    Args:
+        models: table row name → LitGPT checkpoint directory or a fit's ``.ckpt`` file.
+        benchmarks: the benchmarks (``class_path`` + ``init_args`` in YAML); grouped into tables by ``suite``.
+        out_dir: where results, generations and tables are written.
+        seed: sampling seed (each item draws from its own generator derived from it).
+        batch_size: sequences generated together (samples of one prompt included).
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
+        precision: ``32-true`` or ``bf16-true``; default bf16 on CUDA, fp32 on CPU.
+        tokenizer_dir, prompt_style: override what is read from each model's checkpoint or run directory.
+        reuse: reuse cells of an earlier run in ``out_dir`` whose key is unchanged.
+    """
+    if not models:
+        raise ValueError("evaluate: no models given (models: {name: checkpoint dir or .ckpt})")
+    if not benchmarks:
+        raise ValueError("evaluate: no benchmarks given")
+    names = [b.name for b in benchmarks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"evaluate: benchmark names must be unique, got {names}")
+    device_ = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    precision = precision or ("bf16-true" if device_.type == "cuda" else "32-true")
+    dtypes = {"32-true": torch.float32, "bf16-true": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"evaluate: precision must be one of {sorted(dtypes)}, got '{precision}'")
+
+    # everything that can be wrong is checked before the first model is loaded
+    candidates = [resolve_candidate(n, p, tokenizer_dir, prompt_style) for n, p in models.items()]
+    items = {b.name: b.items() for b in benchmarks}
+    prompters: dict[tuple[Path, str, str | None], Prompter] = {}
+    for candidate in candidates:
+        key = (candidate.tokenizer_dir, candidate.prompt_style, candidate.system_prompt)
+        if key not in prompters:
+            prompters[key] = Prompter(*key)
+        for benchmark in benchmarks:
+            longest = max(len(prompters[key].prompt_ids(item.row)) for item in items[benchmark.name])
+            if longest + benchmark.max_new_tokens > candidate.config.block_size:
+                raise ValueError(
+                    f"benchmark '{benchmark.name}': a prompt of {longest} tokens + max_new_tokens "
+                    f"{benchmark.max_new_tokens} exceeds model '{candidate.name}' block_size "
+                    f"{candidate.config.block_size}"
+                )
+
+    out_dir = Path(out_dir)
+    results_file = out_dir / "results.json"
+    earlier = {}
+    if reuse and results_file.is_file():
+        earlier = {c["key"]: c for c in json.loads(results_file.read_text()).get("cells", [])}
+    cells: list[dict[str, Any]] = []
+
+    def save() -> None:
+        document = {
+            "format": RESULTS_FORMAT,
+            "models": {c.name: str(c.path) for c in candidates},
+            "benchmarks": [b.spec() for b in benchmarks],
+            "cells": cells,
+        }
+        _write_atomic(results_file, json.dumps(document, indent=1, default=str))
+
+    for candidate in candidates:
+        prompter = prompters[candidate.tokenizer_dir, candidate.prompt_style, candidate.system_prompt]
+        model = None
+        for benchmark in benchmarks:
+            sampling = benchmark.sampling(batch_size)
+            key = _digest([candidate.fingerprint(), candidate.system_prompt, benchmark.spec(), sampling, seed])
+            generations = Path("generations") / candidate.name / f"{benchmark.name}.jsonl"
+            if key in earlier and (out_dir / generations).is_file():
+                cells.append({**earlier[key], "reused": True})
+                continue
+            if model is None:
+                model = load_weights(candidate, device_, dtypes[precision])
+            metrics, records, throughput = run_benchmark(
+                model,
+                prompter,
+                benchmark,
+                items[benchmark.name],
+                seed,
+                batch_size,
+                f"{candidate.name}/{benchmark.name}",
+            )
+            _write_atomic(out_dir / generations, "".join(json.dumps(r, default=str) + "\n" for r in records))
+            cells.append(
+                {
+                    "model": candidate.name,
+                    "path": str(candidate.path),
+                    "suite": benchmark.suite,
+                    "benchmark": benchmark.name,
+                    "metrics": metrics,
+                    "items": len(records),
+                    "sampling": vars(sampling),
+                    "seed": seed,
+                    "precision": precision,
+                    "device": str(device_),
+                    **throughput,
+                    "generations": str(generations),
+                    "key": key,
+                }
+            )
+            save()
+        del model
+    save()
+    csv_lines = ["model,suite,benchmark,metric,value"]
+    for cell in cells:
+        for metric, value in cell["metrics"].items():
+            csv_lines.append(f"{cell['model']},{cell['suite']},{cell['benchmark']},{metric},{value:.6g}")
+    _write_atomic(out_dir / "results.csv", "\n".join(csv_lines) + "\n")
+    tables = suite_tables(cells, benchmarks, [c.name for c in candidates])
+    _write_atomic(out_dir / "tables.md", tables + "\n")
+    print(f"\n{tables}\n\n{throughput_table(cells)}\n\nresults: {results_file}", flush=True)
+    return {"cells": cells, "tables": tables}
+
+
+def parse_config(argv: list[str] | None = None) -> dict[str, Any]:
+    """``evaluate``'s keyword arguments from the command line (``--config`` and overrides), classes instantiated."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m deft_lightning evaluate", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(evaluate)
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    return {k: v for k, v in vars(init).items() if k not in ("config", "__default_config__")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = parse_config(argv)
+    try:
+        evaluate(**arguments)
+    except (ValueError, FileNotFoundError, ConnectionError) as err:  # bad input: a message, not a traceback
+        raise SystemExit(f"error: {err}") from None
