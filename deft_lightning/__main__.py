@@ -1,4 +1,4 @@
-"""``python -m deft_lightning {fit,validate,test} --config <yaml>`` | ``evaluate`` | ``prepare-model`` | ``bench``."""
+"""``python -m deft_lightning {fit,validate,test} --config <yaml>``; ``evaluate|analyze|prepare-model|bench``."""
 
 import sys
 
@@ -11,6 +11,10 @@ elif command == "bench":
     from deft_lightning.bench import main as bench_main
 
     bench_main(sys.argv[2:])
+elif command == "analyze":
+    from deft_lightning.analysis.run import main as analyze_main
+
+    analyze_main(sys.argv[2:])
 elif command == "evaluate":
     from deft_lightning.evaluation.run import main as evaluate_main
 

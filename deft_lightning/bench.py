@@ -312,14 +312,14 @@ def bench_generate(
     import torch
 
     from deft_lightning.evaluation import FigFont
-    from deft_lightning.evaluation.run import load_weights, resolve_candidate
     from deft_lightning.generation import SamplingConfig, generate
+    from deft_lightning.loading import load_weights, resolve_model
     from deft_lightning.prompting import Prompter
 
-    candidate = resolve_candidate("model", checkpoint_dir)
+    ref = resolve_model("model", checkpoint_dir)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_weights(candidate, torch.device(device), dtype)
-    prompter = Prompter(candidate.tokenizer_dir, candidate.prompt_style)
+    model = load_weights(ref, torch.device(device), dtype)
+    prompter = Prompter(ref.tokenizer_dir, ref.prompt_style)
     prompts = [prompter.prompt_ids(item.row) for item in FigFont(limit=items).items()]
     generate(model, prompts[:2], prompter.tokenizer.eos_id, SamplingConfig(max_new_tokens=4))  # warm-up
     times: dict[int, list[float]] = {size: [] for size in batch_sizes}

@@ -1,9 +1,11 @@
-"""Callbacks: the CLI always attaches FitSummary; TrainingThroughput and BenchmarkValidation are opt-in."""
+"""Callbacks: the CLI always attaches FitSummary; the others here are opt-in (`trainer.callbacks`)."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -182,3 +184,65 @@ class BenchmarkValidation(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
+
+
+class TokenHistograms(L.Callback):
+    """Every ``every_n_steps`` steps, histograms of a random sample of the step's trainable tokens — target
+    probability ``p``, entropy, ``collision`` (Σp², DEFT's α), the objective's own ``alpha`` if it has one, and
+    the gate ``weight`` — appended to ``<run dir>/token_histograms.csv`` (step, quantity, bin_left, bin_right,
+    fraction). ``analyze trajectory`` draws them. The sample is rank 0's tokens; rows past a resumed step are
+    dropped on resume.
+
+    Args:
+        every_n_steps: how often (in optimizer steps, counted like the ``step`` column of metrics.csv).
+        sample_size: tokens sampled per histogram step.
+        bins: bins per histogram; p, Σp², α and weight span [0, 1] (values above land in the last bin),
+            entropy spans [0, ln V].
+    """
+
+    QUANTITIES = ("p", "collision", "alpha", "weight", "entropy")
+
+    def __init__(self, every_n_steps: int = 10, sample_size: int = 4096, bins: int = 20) -> None:
+        if every_n_steps < 1 or sample_size < 1 or bins < 1:
+            raise ValueError("TokenHistograms: every_n_steps, sample_size and bins must be >= 1")
+        self.every_n_steps, self.sample_size, self.bins = every_n_steps, sample_size, bins
+
+    def _path(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "token_histograms.csv"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self._path(trainer)
+        if trainer.is_global_zero and path.is_file():  # a resumed run: keep the rows of steps already done
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [lines[0], *(line for line in lines[1:] if int(line.split(",", 1)[0]) < trainer.global_step)]
+            path.write_text("".join(kept))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        due = trainer.global_step % self.every_n_steps == 0
+        pl_module.token_sample_size = self.sample_size if due else 0
+        pl_module.token_sample = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        sample, pl_module.token_sample = pl_module.token_sample, None
+        if sample is None or not trainer.is_global_zero:
+            return
+        step = trainer.global_step - 1  # the step this batch was (metrics.csv's numbering)
+        vocab = pl_module.config.padded_vocab_size
+        rows = []
+        for quantity in self.QUANTITIES:
+            if quantity not in sample:
+                continue
+            top = math.log(vocab) if quantity == "entropy" else 1.0
+            values = sample[quantity].clamp(0, top)
+            counts = torch.histc(values, bins=self.bins, min=0, max=top)
+            edges = torch.linspace(0, top, self.bins + 1)
+            fractions = counts / counts.sum()
+            rows += [
+                f"{step},{quantity},{edges[i]:.6g},{edges[i + 1]:.6g},{fractions[i]:.6g}\n" for i in range(self.bins)
+            ]
+        path = self._path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            if handle.tell() == 0:
+                handle.write("step,quantity,bin_left,bin_right,fraction\n")
+            handle.writelines(rows)

@@ -30,8 +30,8 @@ from deft_lightning.statistics import DEFAULT_CHUNK_ELEMENTS, Needs, TokenStats,
 from deft_lightning.strategies import shard_blocks
 
 IGNORE_INDEX = -100
-#: statistics for monitoring only, computed on logging steps
-MONITOR_NEEDS = Needs(entropy=True, correct=True)
+#: statistics for monitoring only, computed on logging steps (collision Σp² is DEFT's α, logged for every objective)
+MONITOR_NEEDS = Needs(entropy=True, collision=True, correct=True)
 PROGRESS_BAR_METRICS = {"train/loss", "train/nll", "train/p", "train/alpha", "train/tokens_per_s"}
 
 
@@ -123,6 +123,9 @@ class DeftModule(L.LightningModule):
         self.automatic_optimization = False  # we accumulate micro-batches ourselves (global token mean)
         self.model: GPT | None = None
         self.skipped_steps = 0
+        #: > 0: keep a random sample of this many trainable tokens' statistics of the next step in `token_sample`
+        self.token_sample_size = 0
+        self.token_sample: dict[str, Tensor] | None = None
         for stage in ("val", "test"):
             for name in ("loss", "nll", "p", "acc"):
                 setattr(self, f"{stage}_{name}", MeanMetric())
@@ -230,9 +233,11 @@ class DeftModule(L.LightningModule):
         # DDP/FSDP average gradients over ranks, hence the world-size factor in the global token mean
         scale = self.trainer.world_size / global_tokens
 
-        needs = self.objective.needs | (MONITOR_NEEDS if self._is_logging_step() else Needs())
+        sampling = self.token_sample_size > 0
+        needs = self.objective.needs | (MONITOR_NEEDS if self._is_logging_step() or sampling else Needs())
         fused = self.uses_fused_path()
         sums: dict[str, Tensor] = {}
+        samples: list[dict[str, Tensor]] = []
         for input_ids, labels in zip(input_chunks, label_chunks, strict=True):
             if fused:
                 loss, token_loss, gate, logp, stats = self._fused_step(input_ids, labels, needs, scale)
@@ -241,8 +246,13 @@ class DeftModule(L.LightningModule):
                 token_loss, logp, stats = self._token_losses(input_ids, labels, needs)
                 self.manual_backward(token_loss.sum() * scale)
                 gate = self.objective.weight(logp, stats)
-            for name, values in self._train_metric_values(token_loss, gate, logp, stats).items():
+            per_token = self._train_metric_values(token_loss, gate, logp, stats)
+            for name, values in per_token.items():
                 sums[name] = sums.get(name, 0) + values.sum()
+            if sampling:
+                samples.append(per_token)
+        if sampling:
+            self.token_sample = self._sample_tokens(samples)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.parameters(), self.hparams.gradient_clip if self.hparams.gradient_clip > 0 else math.inf
@@ -269,6 +279,13 @@ class DeftModule(L.LightningModule):
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in PROGRESS_BAR_METRICS, rank_zero_only=True)
 
+    def _sample_tokens(self, per_micro_batch: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        merged = {name: torch.cat([values[name] for values in per_micro_batch]) for name in per_micro_batch[0]}
+        count = merged["p"].numel()
+        generator = torch.Generator().manual_seed(self.global_step)  # reproducible, leaves the global RNG alone
+        chosen = torch.randperm(count, generator=generator)[: self.token_sample_size].to(merged["p"].device)
+        return {name: values.detach()[chosen].float().cpu() for name, values in merged.items()}
+
     def _train_metric_values(
         self, token_loss: Tensor, gate: Tensor, logp: Tensor, stats: TokenStats
     ) -> dict[str, Tensor]:
@@ -276,7 +293,7 @@ class DeftModule(L.LightningModule):
         alpha = self.objective.focus_index(stats)
         if alpha is not None:
             values["alpha"] = alpha
-        for name, stat in (("entropy", "entropy"), ("acc", "correct")):
+        for name, stat in (("entropy", "entropy"), ("collision", "collision"), ("acc", "correct")):
             if stat in stats:
                 values[name] = getattr(stats, stat)
         return values

@@ -2,23 +2,19 @@
 on tiny models (a base checkpoint directory and fit checkpoints)."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from litgpt import GPT, Config
-from litgpt.utils import save_config
+from conftest import write_tiny_checkpoint
 
 from deft_lightning.evaluation import Choice, ChoiceScorer, FigFontScorer, Math, MathScorer, extract_boxed, pass_at_k
 from deft_lightning.evaluation.benchmarks import choice_item
 from deft_lightning.evaluation.run import evaluate, parse_config, suite_tables
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "data/tiny/tokenizer"
 
 
 # ------------------------------------------------------------------ scorers
@@ -138,15 +134,7 @@ def test_multiple_choice_layouts(tmp_path):
 
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory):
-    """A random tiny LitGPT checkpoint directory with the tiny tokenizer (stands in for a base model)."""
-    out = tmp_path_factory.mktemp("base")
-    config = Config(name="t", block_size=512, vocab_size=320, padded_vocab_size=320, n_layer=2, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    torch.save(GPT(config).state_dict(), out / "lit_model.pth")
-    save_config(config, out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER / name, out / name)
-    return out
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("base"))
 
 
 def math_file(tmp_path: Path) -> Path:

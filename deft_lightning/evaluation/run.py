@@ -18,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,93 +26,11 @@ import torch
 
 from deft_lightning.evaluation.benchmarks import Benchmark, Item
 from deft_lightning.generation import generate
-from deft_lightning.prompting import CHAT_TEMPLATE, Prompter
+from deft_lightning.loading import load_weights, resolve_model
+from deft_lightning.prompting import Prompter
 from deft_lightning.tables import format_table
 
 RESULTS_FORMAT = 1
-
-
-@dataclass
-class Candidate:
-    """A model to evaluate, resolved (and checked) without loading its weights."""
-
-    name: str
-    path: Path
-    tokenizer_dir: Path
-    prompt_style: str
-    system_prompt: str | None
-    config: Any  # litgpt Config
-
-    def fingerprint(self) -> list[Any]:
-        stat = self.path.stat() if self.path.is_file() else (self.path / "lit_model.pth").stat()
-        return [str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, str(self.tokenizer_dir), self.prompt_style]
-
-
-def _run_settings(checkpoint: Path) -> dict[str, Any]:
-    """Tokenizer and prompt settings of the fit that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt``)."""
-    import yaml
-
-    config_file = checkpoint.parent.parent / "config.yaml"
-    if not config_file.is_file():
-        return {}
-    config = yaml.safe_load(config_file.read_text()) or {}
-    data = config.get("data") or {}
-    return {**(data.get("init_args") or data), "checkpoint_dir": (config.get("model") or {}).get("checkpoint_dir")}
-
-
-def resolve_candidate(
-    name: str, path: Path, tokenizer_dir: Path | None = None, prompt_style: str | None = None
-) -> Candidate:
-    """Where the weights, tokenizer and prompt style of model ``name`` come from; errors name the path."""
-    from deft_lightning.model import resolve_model_config
-    from deft_lightning.prepare_model import CheckpointError, validate_checkpoint_dir
-
-    path = Path(path)
-    if not re.fullmatch(r"[\w.+-]+", name):
-        raise ValueError(f"model name '{name}' must be letters, digits, '_', '-', '.' or '+' (it names files)")
-    settings: dict[str, Any] = {}
-    if path.is_dir():
-        validate_checkpoint_dir(path, ("lit_model.pth", "model_config.yaml"))
-        config = resolve_model_config(None, None, path)
-        default_tokenizer = path
-    elif path.is_file() and path.suffix == ".ckpt":
-        try:
-            hparams = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
-        except Exception as err:
-            raise CheckpointError(f"cannot read '{path}' as a fit checkpoint ({type(err).__name__}: {err})") from None
-        config = resolve_model_config(hparams.get("model_name"), hparams.get("model_config"), None)
-        settings = _run_settings(path)
-        base = hparams.get("checkpoint_dir") or settings.get("checkpoint_dir")
-        if base is not None:
-            config = resolve_model_config(None, hparams.get("model_config"), Path(base))
-        default_tokenizer = settings.get("tokenizer_dir") or base
-    else:
-        raise CheckpointError(
-            f"model '{name}': '{path}' is neither a LitGPT checkpoint directory nor a fit's .ckpt file"
-        )
-    tokenizer = tokenizer_dir or default_tokenizer
-    if tokenizer is None or not (Path(tokenizer) / "tokenizer.json").is_file():
-        raise CheckpointError(f"model '{name}': no tokenizer.json found for '{path}'; set tokenizer_dir")
-    style = prompt_style or settings.get("prompt_style") or CHAT_TEMPLATE
-    return Candidate(name, path, Path(tokenizer), style, settings.get("system_prompt"), config)
-
-
-def load_weights(candidate: Candidate, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from litgpt import GPT
-
-    from deft_lightning.prepare_model import load_state_dict
-
-    with torch.device("meta"):
-        model = GPT(candidate.config)
-    if candidate.path.is_dir():
-        state = load_state_dict(candidate.path)
-    else:
-        full = torch.load(candidate.path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
-        state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
-    model = model.to_empty(device=device)
-    model.load_state_dict(state)
-    model.reset_parameters()  # GPT's own: rebuilds the rope cache (a buffer, not in the state dict)
-    return model.to(dtype).eval()
 
 
 def item_seed(seed: int, benchmark: str, item_id: str) -> int:
@@ -258,20 +174,20 @@ def evaluate(
         raise ValueError(f"evaluate: precision must be one of {sorted(dtypes)}, got '{precision}'")
 
     # everything that can be wrong is checked before the first model is loaded
-    candidates = [resolve_candidate(n, p, tokenizer_dir, prompt_style) for n, p in models.items()]
+    refs = [resolve_model(n, p, tokenizer_dir, prompt_style) for n, p in models.items()]
     items = {b.name: b.items() for b in benchmarks}
     prompters: dict[tuple[Path, str, str | None], Prompter] = {}
-    for candidate in candidates:
-        key = (candidate.tokenizer_dir, candidate.prompt_style, candidate.system_prompt)
+    for ref in refs:
+        key = (ref.tokenizer_dir, ref.prompt_style, ref.system_prompt)
         if key not in prompters:
             prompters[key] = Prompter(*key)
         for benchmark in benchmarks:
             longest = max(len(prompters[key].prompt_ids(item.row)) for item in items[benchmark.name])
-            if longest + benchmark.max_new_tokens > candidate.config.block_size:
+            if longest + benchmark.max_new_tokens > ref.config.block_size:
                 raise ValueError(
                     f"benchmark '{benchmark.name}': a prompt of {longest} tokens + max_new_tokens "
-                    f"{benchmark.max_new_tokens} exceeds model '{candidate.name}' block_size "
-                    f"{candidate.config.block_size}"
+                    f"{benchmark.max_new_tokens} exceeds model '{ref.name}' block_size "
+                    f"{ref.config.block_size}"
                 )
 
     out_dir = Path(out_dir)
@@ -284,24 +200,24 @@ def evaluate(
     def save() -> None:
         document = {
             "format": RESULTS_FORMAT,
-            "models": {c.name: str(c.path) for c in candidates},
+            "models": {c.name: str(c.path) for c in refs},
             "benchmarks": [b.spec() for b in benchmarks],
             "cells": cells,
         }
         _write_atomic(results_file, json.dumps(document, indent=1, default=str))
 
-    for candidate in candidates:
-        prompter = prompters[candidate.tokenizer_dir, candidate.prompt_style, candidate.system_prompt]
+    for ref in refs:
+        prompter = prompters[ref.tokenizer_dir, ref.prompt_style, ref.system_prompt]
         model = None
         for benchmark in benchmarks:
             sampling = benchmark.sampling(batch_size)
-            key = _digest([candidate.fingerprint(), candidate.system_prompt, benchmark.spec(), sampling, seed])
-            generations = Path("generations") / candidate.name / f"{benchmark.name}.jsonl"
+            key = _digest([ref.fingerprint(), ref.system_prompt, benchmark.spec(), sampling, seed])
+            generations = Path("generations") / ref.name / f"{benchmark.name}.jsonl"
             if key in earlier and (out_dir / generations).is_file():
                 cells.append({**earlier[key], "reused": True})
                 continue
             if model is None:
-                model = load_weights(candidate, device_, dtypes[precision])
+                model = load_weights(ref, device_, dtypes[precision])
             metrics, records, throughput = run_benchmark(
                 model,
                 prompter,
@@ -309,13 +225,13 @@ def evaluate(
                 items[benchmark.name],
                 seed,
                 batch_size,
-                f"{candidate.name}/{benchmark.name}",
+                f"{ref.name}/{benchmark.name}",
             )
             _write_atomic(out_dir / generations, "".join(json.dumps(r, default=str) + "\n" for r in records))
             cells.append(
                 {
-                    "model": candidate.name,
-                    "path": str(candidate.path),
+                    "model": ref.name,
+                    "path": str(ref.path),
                     "suite": benchmark.suite,
                     "benchmark": benchmark.name,
                     "metrics": metrics,
@@ -337,7 +253,7 @@ def evaluate(
         for metric, value in cell["metrics"].items():
             csv_lines.append(f"{cell['model']},{cell['suite']},{cell['benchmark']},{metric},{value:.6g}")
     _write_atomic(out_dir / "results.csv", "\n".join(csv_lines) + "\n")
-    tables = suite_tables(cells, benchmarks, [c.name for c in candidates])
+    tables = suite_tables(cells, benchmarks, [c.name for c in refs])
     _write_atomic(out_dir / "tables.md", tables + "\n")
     print(f"\n{tables}\n\n{throughput_table(cells)}\n\nresults: {results_file}", flush=True)
     return {"cells": cells, "tables": tables}

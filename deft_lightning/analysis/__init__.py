@@ -1,0 +1,1 @@
+"""Mechanism analysis: token-level quantities (tokens.py) and the ``analyze`` figures (run.py)."""

@@ -1,0 +1,99 @@
+"""Loading a trained model for evaluation or analysis: a LitGPT checkpoint directory (e.g. the base model) or a
+``.ckpt`` file written by ``fit``, whose tokenizer and prompt style come from its run directory's ``config.yaml``.
+
+:func:`resolve_model` checks everything cheaply (no weights read); :func:`load_weights` builds the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deft_lightning.prompting import CHAT_TEMPLATE
+
+
+@dataclass
+class ModelRef:
+    """A model to evaluate, resolved (and checked) without loading its weights."""
+
+    name: str
+    path: Path
+    tokenizer_dir: Path
+    prompt_style: str
+    system_prompt: str | None
+    config: Any  # litgpt Config
+
+    def fingerprint(self) -> list[Any]:
+        stat = self.path.stat() if self.path.is_file() else (self.path / "lit_model.pth").stat()
+        return [str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, str(self.tokenizer_dir), self.prompt_style]
+
+
+def _run_settings(checkpoint: Path) -> dict[str, Any]:
+    """Tokenizer and prompt settings of the fit that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt``)."""
+    import yaml
+
+    config_file = checkpoint.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        return {}
+    config = yaml.safe_load(config_file.read_text()) or {}
+    data = config.get("data") or {}
+    return {**(data.get("init_args") or data), "checkpoint_dir": (config.get("model") or {}).get("checkpoint_dir")}
+
+
+def resolve_model(
+    name: str, path: Path, tokenizer_dir: Path | None = None, prompt_style: str | None = None
+) -> ModelRef:
+    """Where the weights, tokenizer and prompt style of model ``name`` come from; errors name the path."""
+    from deft_lightning.model import resolve_model_config
+    from deft_lightning.prepare_model import CheckpointError, validate_checkpoint_dir
+
+    path = Path(path)
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise ValueError(f"model name '{name}' must be letters, digits, '_', '-', '.' or '+' (it names files)")
+    settings: dict[str, Any] = {}
+    if path.is_dir():
+        validate_checkpoint_dir(path, ("lit_model.pth", "model_config.yaml"))
+        config = resolve_model_config(None, None, path)
+        default_tokenizer = path
+    elif path.is_file() and path.suffix == ".ckpt":
+        try:
+            hparams = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
+        except Exception as err:
+            raise CheckpointError(f"cannot read '{path}' as a fit checkpoint ({type(err).__name__}: {err})") from None
+        config = resolve_model_config(hparams.get("model_name"), hparams.get("model_config"), None)
+        settings = _run_settings(path)
+        base = hparams.get("checkpoint_dir") or settings.get("checkpoint_dir")
+        if base is not None:
+            config = resolve_model_config(None, hparams.get("model_config"), Path(base))
+        default_tokenizer = settings.get("tokenizer_dir") or base
+    else:
+        raise CheckpointError(
+            f"model '{name}': '{path}' is neither a LitGPT checkpoint directory nor a fit's .ckpt file"
+        )
+    tokenizer = tokenizer_dir or default_tokenizer
+    if tokenizer is None or not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise CheckpointError(f"model '{name}': no tokenizer.json found for '{path}'; set tokenizer_dir")
+    style = prompt_style or settings.get("prompt_style") or CHAT_TEMPLATE
+    return ModelRef(name, path, Path(tokenizer), style, settings.get("system_prompt"), config)
+
+
+def load_weights(ref: ModelRef, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from litgpt import GPT
+
+    from deft_lightning.prepare_model import load_state_dict
+
+    with torch.device("meta"):
+        model = GPT(ref.config)
+    if ref.path.is_dir():
+        state = load_state_dict(ref.path)
+    else:
+        full = torch.load(ref.path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+        state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+    model = model.to_empty(device=device)
+    model.load_state_dict(state)
+    model.reset_parameters()  # GPT's own: rebuilds the rope cache (a buffer, not in the state dict)
+    return model.to(dtype).eval()
