@@ -158,7 +158,7 @@ def test_evaluate_writes_results_generations_and_tables(tmp_path, base_checkpoin
     out = tmp_path / "eval"
     result = evaluate({"base": base_checkpoint}, benchmarks(tmp_path), out, prompt_style="alpaca")
     document = json.loads((out / "results.json").read_text())
-    assert set(document) == {"format", "models", "benchmarks", "cells"}
+    assert set(document) == {"format", "benchmarks", "cells"}
     cells = {c["benchmark"]: c for c in document["cells"]}
     assert set(cells["add"]["metrics"]) == {"avg@3", "pass@1", "pass@2"}
     assert set(cells["med"]["metrics"]) == {"accuracy"}
@@ -191,6 +191,9 @@ def test_evaluation_is_seeded_and_reuses_finished_cells(tmp_path, base_checkpoin
     other = evaluate({"base": base_checkpoint}, marks, out, prompt_style="alpaca", seed=4)
     assert not any(c.get("reused") for c in other["cells"] if c["benchmark"] == "add")  # the seed is in the key
     assert (out / "generations/base/add.jsonl").read_text() != generations
+    evaluate({"other": base_checkpoint}, marks[1:], out, prompt_style="alpaca", seed=4)
+    kept = json.loads((out / "results.json").read_text())["cells"]  # earlier models' cells are not dropped
+    assert {(c["model"], c["benchmark"]) for c in kept} == {("other", "med"), ("base", "add"), ("base", "med")}
     math_file(tmp_path)  # rewritten: a changed benchmark file is evaluated again
     assert not any(c.get("reused") for c in evaluate({"base": base_checkpoint}, marks, out, seed=4,
                                                        prompt_style="alpaca")["cells"][:1])  # fmt: skip

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import itertools
 import math
 from pathlib import Path
 
@@ -94,36 +95,43 @@ def read_histograms(run_dir: Path, quantity: str) -> tuple[list[int], list[float
 
 def trajectory(run_dirs: list[Path], labels: list[str], out: Path) -> list[list[object]]:
     plt = _pyplot()
-    from matplotlib.colors import LogNorm
-
     rows = []
-    histograms = {label: read_histograms(run, "p") for run, label in zip(run_dirs, labels, strict=True)}
-    with_histograms = [label for label, h in histograms.items() if h is not None]
-    figure, axes = plt.subplots(1 + bool(with_histograms), 2, figsize=(11, 4 + 3.2 * bool(with_histograms)))
-    axes = axes.reshape(-1, 2)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run, label in zip(run_dirs, labels, strict=True):
         points = read_trajectory(run)
         rows += [[label, step, alpha, p] for step, alpha, p in points]
         steps = [s for s, _, _ in points]
-        axes[0, 0].plot(steps, [a for _, a, _ in points], label=label)
-        axes[0, 1].plot(steps, [p for _, _, p in points], label=label)
-    axes[0, 0].set(xlabel="step", ylabel="mean α = Σ p²", title="focus index α (step mean)")
-    axes[0, 1].set(xlabel="step", ylabel="mean p(target)", title="target probability (step mean)")
-    for axis in axes[0]:
+        axes[0].plot(steps, [a for _, a, _ in points], label=label)
+        axes[1].plot(steps, [p for _, _, p in points], label=label)
+    axes[0].set(xlabel="step", ylabel="mean α = Σ p²", title="focus index α (step mean)")
+    axes[1].set(xlabel="step", ylabel="mean p(target)", title="target probability (step mean)")
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
-    for axis, label in zip(axes[1] if with_histograms else [], with_histograms[:2], strict=False):
-        steps, bins, fractions = histograms[label]
-        centers = [(left + right) / 2 for left, right in zip(bins, bins[1:], strict=False)]
+    figure.tight_layout()
+    figure.savefig(out.with_suffix(".png"), dpi=120)
+    _write_csv(out.with_suffix(".csv"), ["run", "step", "alpha", "p"], rows)
+    histograms = {label: read_histograms(run, "p") for run, label in zip(run_dirs, labels, strict=True)}
+    histograms = {label: h for label, h in histograms.items() if h is not None}
+    if histograms:  # runs fitted with the TokenHistograms callback: p's distribution per step
+        _plot_histograms(histograms, out.with_name(out.name + "_histograms.png"))
+    return [[label, len([r for r in rows if r[0] == label]), *_first_last(rows, label)] for label in labels]
+
+
+def _plot_histograms(histograms: dict[str, tuple], path: Path) -> None:
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    figure, axes = plt.subplots(1, len(histograms), figsize=(5.5 * len(histograms), 3.8), squeeze=False)
+    for axis, (label, (steps, bins, fractions)) in zip(axes[0], histograms.items(), strict=True):
+        centers = [(left + right) / 2 for left, right in itertools.pairwise(bins)]
         image = axis.pcolormesh(
             steps, centers, torch.tensor(fractions).T.numpy(), shading="nearest", cmap="magma", norm=LogNorm(1e-3, 1)
         )
         axis.set(xlabel="step", ylabel="p(target)", title=f"{label}: distribution of p (sampled tokens)")
         figure.colorbar(image, ax=axis, label="fraction of tokens")
     figure.tight_layout()
-    figure.savefig(out.with_suffix(".png"), dpi=120)
-    _write_csv(out.with_suffix(".csv"), ["run", "step", "alpha", "p"], rows)
-    return [[label, len([r for r in rows if r[0] == label]), *_first_last(rows, label)] for label in labels]
+    figure.savefig(path, dpi=120)
 
 
 def _first_last(rows: list[list[object]], label: str) -> list[str]:

@@ -192,17 +192,18 @@ def evaluate(
 
     out_dir = Path(out_dir)
     results_file = out_dir / "results.json"
-    earlier = {}
-    if reuse and results_file.is_file():
-        earlier = {c["key"]: c for c in json.loads(results_file.read_text()).get("cells", [])}
+    previous = json.loads(results_file.read_text()).get("cells", []) if results_file.is_file() else []
+    earlier = {c["key"]: c for c in previous} if reuse else {}
+    # cells of other models or benchmarks evaluated earlier into this directory stay in results.json
+    this_run = {(r.name, b.name) for r in refs for b in benchmarks}
+    others = [c for c in previous if (c["model"], c["benchmark"]) not in this_run]
     cells: list[dict[str, Any]] = []
 
     def save() -> None:
         document = {
             "format": RESULTS_FORMAT,
-            "models": {c.name: str(c.path) for c in refs},
             "benchmarks": [b.spec() for b in benchmarks],
-            "cells": cells,
+            "cells": cells + others,
         }
         _write_atomic(results_file, json.dumps(document, indent=1, default=str))
 
