@@ -1,4 +1,4 @@
-"""``python -m deft_lightning {fit,validate,test} --config <yaml>``; ``evaluate|analyze|prepare-model|bench``."""
+"""``python -m deft_lightning {fit,validate,test} --config <yaml>``; ``evaluate|analyze|sweep|prepare-model|bench``."""
 
 import sys
 
@@ -15,6 +15,10 @@ elif command == "analyze":
     from deft_lightning.analysis.run import main as analyze_main
 
     analyze_main(sys.argv[2:])
+elif command == "sweep":
+    from deft_lightning.sweep import main as sweep_main
+
+    sweep_main(sys.argv[2:])
 elif command == "evaluate":
     from deft_lightning.evaluation.run import main as evaluate_main
 

@@ -52,8 +52,8 @@ def resolve_model(
     from deft_lightning.prepare_model import CheckpointError, validate_checkpoint_dir
 
     path = Path(path)
-    if not re.fullmatch(r"[\w.+-]+", name):
-        raise ValueError(f"model name '{name}' must be letters, digits, '_', '-', '.' or '+' (it names files)")
+    if not name or re.search(r"[/\\,\s]", name):
+        raise ValueError(f"model name '{name}' must not contain '/', '\\', ',' or whitespace (it names files)")
     settings: dict[str, Any] = {}
     if path.is_dir():
         validate_checkpoint_dir(path, ("lit_model.pth", "model_config.yaml"))
@@ -64,11 +64,12 @@ def resolve_model(
             hparams = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
         except Exception as err:
             raise CheckpointError(f"cannot read '{path}' as a fit checkpoint ({type(err).__name__}: {err})") from None
-        config = resolve_model_config(hparams.get("model_name"), hparams.get("model_config"), None)
         settings = _run_settings(path)
         base = hparams.get("checkpoint_dir") or settings.get("checkpoint_dir")
         if base is not None:
             config = resolve_model_config(None, hparams.get("model_config"), Path(base))
+        else:
+            config = resolve_model_config(hparams.get("model_name"), hparams.get("model_config"), None)
         default_tokenizer = settings.get("tokenizer_dir") or base
     else:
         raise CheckpointError(

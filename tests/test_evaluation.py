@@ -250,6 +250,9 @@ def test_evaluate_command_compares_fit_checkpoints_and_fit_logs_a_benchmark(tmp_
     for objective in ("DEFT", "NLL"):
         run = tmp_path / objective
         extra = [f"--model.objective={objective}", "--trainer.max_steps=4", "--checkpoint.every_n_train_steps=4"]
+        if objective == "NLL":  # fine-tuned from a checkpoint directory: evaluate reads the config from it
+            base = write_tiny_checkpoint(tmp_path / "base", block_size=256)
+            extra += [f"--model.checkpoint_dir={base}", "--model.model_config=null"]
         if objective == "DEFT":
             extra += [
                 "--trainer.callbacks+=deft_lightning.callbacks.BenchmarkValidation",

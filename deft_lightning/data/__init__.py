@@ -7,6 +7,7 @@ from deft_lightning.data.sources import (
     HubSource,
     MixtureSource,
     ReasoningGymMathSource,
+    SelfDistilledSource,
     Source,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "MixtureSource",
     "ReasoningGymMathSource",
     "SFTDataModule",
+    "SelfDistilledSource",
     "Source",
 ]

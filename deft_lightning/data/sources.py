@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,3 +335,94 @@ class MixtureSource(Source):
 
     def fingerprint(self) -> str:
         return _digest("mix", [s.fingerprint() for s in self.sources], self.weights, self.total, self.seed)
+
+
+class SelfDistilledSource(Source):
+    """A strong-prior regime built from the model itself: each prompt's target is the base model's own greedy
+    continuation, with a fraction of its words replaced by words from other continuations — fluent tokens the
+    model is confident are wrong there ("confident conflicts", controlled label noise).
+
+    The continuations are generated once (batched, KV cache) and cached under ``cache_dir`` by the prompts'
+    fingerprint, the checkpoint and ``max_new_tokens``; the corruption is seeded per row, so
+    ``noise_fraction: 0`` gives the clean references of exactly the same prompts.
+
+    Args:
+        prompts: where the prompts come from (their ``output`` is ignored).
+        checkpoint_dir: the base model (a LitGPT checkpoint directory with a chat template).
+        max_new_tokens: continuation length.
+        noise_fraction: share of each continuation's words replaced (0 ≤ f < 1).
+        seed: the corruption's seed.
+    """
+
+    def __init__(
+        self,
+        prompts: Source,
+        checkpoint_dir: Path,
+        max_new_tokens: int = 48,
+        noise_fraction: float = 0.0,
+        seed: int = 1,
+        batch_size: int = 16,
+        cache_dir: Path = Path(".cache/deft_lightning/self_distilled"),
+    ) -> None:
+        if not 0 <= noise_fraction < 1:
+            raise ValueError(f"SelfDistilledSource: noise_fraction must be in [0, 1), got {noise_fraction}")
+        self.prompts, self.checkpoint_dir, self.max_new_tokens = prompts, Path(checkpoint_dir), max_new_tokens
+        self.noise_fraction, self.seed, self.batch_size, self.cache_dir = (
+            noise_fraction,
+            seed,
+            batch_size,
+            Path(cache_dir),
+        )
+        self.name = f"self-distilled({prompts.name}, noise {noise_fraction:g})"
+
+    def _generation_key(self) -> str:
+        weights = self.checkpoint_dir / "lit_model.pth"
+        stat = weights.stat() if weights.is_file() else None
+        return _digest("self", self.prompts.fingerprint(), str(self.checkpoint_dir.resolve()), stat and stat.st_size,
+                       stat and stat.st_mtime_ns, self.max_new_tokens)  # fmt: skip
+
+    def continuations(self) -> list[dict[str, str]]:
+        """``{"instruction", "output"}`` with the base model's greedy continuation, generated once and cached."""
+        path = self.cache_dir / f"{self._generation_key()}.jsonl"
+        if path.is_file():
+            return [json.loads(line) for line in path.read_text().splitlines()]
+        import torch
+
+        from deft_lightning.generation import SamplingConfig, generate
+        from deft_lightning.loading import load_weights, resolve_model
+        from deft_lightning.prompting import Prompter
+
+        rows = list(self.prompts.rows(RowReport()))
+        ref = resolve_model("base", self.checkpoint_dir)
+        prompter = Prompter(ref.tokenizer_dir, ref.prompt_style)
+        model = load_weights(ref, torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
+        sampling = SamplingConfig(self.max_new_tokens, batch_size=self.batch_size)
+        prompts = [prompter.prompt_ids(row) for row in rows]
+        outputs = generate(model, prompts, prompter.tokenizer.eos_id, sampling, progress="self-distilled targets")
+        result = [
+            {**{k: v for k, v in row.items() if k != "output"}, "output": prompter.decode(samples[0]).strip()}
+            for row, samples in zip(rows, outputs, strict=True)
+        ]
+        result = [row for row in result if row["output"]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".partial")
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in result))
+        temporary.replace(path)
+        return result
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        rows = self.continuations()
+        pool = [word for row in rows for word in row["output"].split()]
+        for index, row in enumerate(rows):
+            pieces = re.split(r"(\s+)", row["output"])  # words at even indices, whitespace kept between them
+            words = [i for i in range(0, len(pieces), 2) if pieces[i]]
+            rng = random.Random(self.seed * 1_000_003 + index)
+            for position in rng.sample(words, round(self.noise_fraction * len(words))):
+                replacement = rng.choice(pool)
+                while replacement == pieces[position] and len(set(pool)) > 1:
+                    replacement = rng.choice(pool)
+                pieces[position] = replacement
+            yield f"{self.name} row {index}", {**row, "output": "".join(pieces)}
+
+    def fingerprint(self) -> str:
+        return _digest("selfnoise", self._generation_key(), self.noise_fraction, self.seed)

@@ -24,7 +24,7 @@ from deft_lightning.data.sources import (
     RowReport,
     Source,
 )
-from deft_lightning.evaluation.scorers import ChoiceScorer, FigFontScorer, MathScorer, Scorer
+from deft_lightning.evaluation.scorers import ChoiceScorer, FigFontScorer, MathScorer, Scorer, SimilarityScorer
 from deft_lightning.generation import SamplingConfig
 
 
@@ -284,6 +284,31 @@ class Choice(Benchmark):
 
     def _metric_name(self, metric: str) -> str:
         return "accuracy"
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "source": self.source.fingerprint()}
+
+
+class Continuation(Benchmark):
+    """Greedy continuations compared with reference texts by similarity — e.g. retention: how much of the base
+    model's own behaviour (its continuations on held-out prompts, ``SelfDistilledSource``) survives fine-tuning.
+
+    Args:
+        source: rows whose ``output`` is the reference continuation.
+    """
+
+    scorer = SimilarityScorer()
+    table_metrics = ("similarity", "exact")
+
+    def __init__(
+        self, name: str, source: Source, suite: str = "continuation", limit: int | None = None, max_new_tokens: int = 48
+    ) -> None:
+        super().__init__(name, suite, limit, max_new_tokens, temperature=0.0, top_p=1.0, num_samples=1)
+        self.source = source
+
+    def _items(self) -> Iterator[Item]:
+        for index, row in enumerate(self.source.rows(RowReport())):
+            yield Item(str(index), row, row["output"])
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "source": self.source.fingerprint()}

@@ -262,18 +262,22 @@ def evaluate(
 
 def parse_config(argv: list[str] | None = None) -> dict[str, Any]:
     """``evaluate``'s keyword arguments from the command line (``--config`` and overrides), classes instantiated."""
+    from argparse import ArgumentError
+
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="python -m deft_lightning evaluate", description=__doc__)
+    parser = ArgumentParser(prog="python -m deft_lightning evaluate", description=__doc__, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(evaluate)
-    init = parser.instantiate_classes(parser.parse_args(argv))
+    try:
+        init = parser.instantiate_classes(parser.parse_args(argv))
+    except ArgumentError as err:  # a bad config: say which file and key, without a traceback
+        raise ValueError(f"evaluate {' '.join(argv or [])}: {err}") from None
     return {k: v for k, v in vars(init).items() if k not in ("config", "__default_config__")}
 
 
 def main(argv: list[str] | None = None) -> None:
-    arguments = parse_config(argv)
     try:
-        evaluate(**arguments)
+        evaluate(**parse_config(argv))
     except (ValueError, FileNotFoundError, ConnectionError) as err:  # bad input: a message, not a traceback
         raise SystemExit(f"error: {err}") from None

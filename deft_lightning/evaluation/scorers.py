@@ -107,3 +107,20 @@ class FigFontScorer(Scorer):
             "exact_lower": float(prediction.lower() == target.lower()),
             "jaro_winkler": JaroWinkler.similarity(prediction.lower(), target.lower(), prefix_weight=0.1),
         }
+
+
+class SimilarityScorer(Scorer):
+    """How close a free-text output is to the reference: rapidfuzz's normalized Indel similarity
+    (``fuzz.ratio`` / 100) of the stripped strings, and exact match."""
+
+    metrics = ("similarity", "exact")
+
+    def score(self, output: str, reference: str) -> dict[str, Any]:
+        from rapidfuzz import fuzz
+
+        prediction, target = output.strip(), reference.strip()
+        return {
+            "extracted": prediction,
+            "similarity": fuzz.ratio(prediction, target) / 100,
+            "exact": float(prediction == target),
+        }
