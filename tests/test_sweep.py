@@ -121,3 +121,18 @@ def test_two_by_two_sweep_survives_a_kill_and_prints_paper_tables(tmp_path):
     assert "== b / tiny ==" in second.stdout
     third = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)  # everything reused
     assert third.returncode == 0 and third.stdout.count("finished earlier") == 4
+
+
+@pytest.mark.parametrize("name", ["miniature", "paper"])
+def test_shipped_grids_build_every_cell(name):
+    from deft_lightning.evaluation.run import parse_config
+
+    loaded = load_grid(ROOT / f"configs/grids/{name}.yaml")
+    for regime, settings in loaded["regimes"].items():
+        for backbone in loaded["backbones"]:
+            for objective in loaded["objectives"]:
+                config = cell_config(loaded, regime, backbone, objective, 1)
+                assert config["model"]["objective"] == loaded["objectives"][objective]
+                assert "${backbone}" not in json.dumps(config)
+        benchmarks = parse_config(["--models", "{x: y}", "--benchmarks", json.dumps(settings["benchmarks"])])
+        assert benchmarks["benchmarks"]
