@@ -185,3 +185,14 @@ def test_fit_time_token_histograms_and_their_trajectory(tmp_path):
     assert all(r["train/collision"] == r["train/alpha"] for r in metrics if r.get("train/p"))  # DEFT: α = Σp²
     analyze(["trajectory", str(run), "--out", str(tmp_path / "out")])
     assert len(read_csv(tmp_path / "out/trajectory.csv")) == 6
+
+
+def test_data_can_be_any_source_described_in_yaml(tmp_path, two_models):
+    source = tmp_path / "source.yaml"
+    source.write_text(
+        f"class_path: deft_lightning.data.FileSource\ninit_args: {{path: {ROOT / 'data/tiny/train.jsonl'}}}\n"
+    )
+    analyze(["probabilities", "--data", str(source), "--limit", "6", "--prompt-style", "alpaca",
+             "--models", f"a={two_models[0]}", "--out", str(tmp_path / "yaml")])  # fmt: skip
+    analyze(analysis_args(tmp_path / "file", "probabilities", "--models", f"a={two_models[0]}"))
+    assert (tmp_path / "yaml/probabilities.csv").read_text() == (tmp_path / "file/probabilities.csv").read_text()

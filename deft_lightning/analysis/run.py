@@ -13,7 +13,8 @@ forgetting --before PATH --after PATH --data FILE
     low-confidence tokens (p_before ≥ 0.5) among each.
 
 Models are LitGPT checkpoint directories or a fit's .ckpt files; data is a JSONL/JSON/Parquet file of SFT rows
-(``--fields instruction=problem output=solution`` maps columns), read with the model's prompt format.
+(``--fields instruction=problem output=solution`` maps columns) or a YAML file naming any data Source by
+``class_path``/``init_args`` (e.g. a run's training source), read with the model's prompt format.
 """
 
 from __future__ import annotations
@@ -143,9 +144,18 @@ def _first_last(rows: list[list[object]], label: str) -> list[str]:
 
 
 def _load_rows(path: Path, fields: dict[str, str], limit: int) -> list[dict[str, str]]:
-    from deft_lightning.data.sources import FileSource, RowReport
+    """Rows of a JSONL/JSON/Parquet file, or of any Source described by a YAML file (``class_path``/``init_args``)."""
+    from deft_lightning.data.sources import FileSource, RowReport, Source
 
-    rows = list(FileSource(path, fields=fields, limit=limit).rows(RowReport()))
+    if path.suffix in (".yaml", ".yml"):
+        from jsonargparse import ArgumentParser
+
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--source", type=Source)
+        source = parser.instantiate_classes(parser.parse_args(["--source", path.read_text()])).source
+        rows = [row for _, row in zip(range(limit), source.rows(RowReport()), strict=False)]
+    else:
+        rows = list(FileSource(path, fields=fields, limit=limit).rows(RowReport()))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -307,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     runs.add_argument("--labels", nargs="+", help="legend labels (default: the directory names)")
     for kind in KINDS[1:]:
         sub = kinds.add_parser(kind)
-        sub.add_argument("--data", type=Path, required=True, help="JSONL/JSON/Parquet file of SFT rows")
+        sub.add_argument("--data", type=Path, required=True, help="JSONL/JSON/Parquet file, or a Source in YAML")
         sub.add_argument("--fields", nargs="*", type=_pairs, default=[], help="our_field=file_column ...")
         sub.add_argument("--limit", type=int, default=64, help="rows to read")
         sub.add_argument("--max-seq-length", type=int, default=1024)
