@@ -296,3 +296,38 @@ def test_evaluate_command_compares_fit_checkpoints_and_fit_logs_a_benchmark(tmp_
     assert [line.split()[0] for line in table[3:5]] == ["deft", "nll"]
     bad = subprocess.run([*command, "--models", "{x: nowhere.ckpt}"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "error: model 'x': 'nowhere.ckpt' is neither" in bad.stderr
+
+
+def test_similarity_scorer():
+    from deft_lightning.evaluation import SimilarityScorer
+
+    assert SimilarityScorer().score(" abc \n", "abc") == {"extracted": "abc", "similarity": 1.0, "exact": 1.0}
+    assert SimilarityScorer().score("abcd", "abce")["similarity"] == pytest.approx(0.75)  # Indel: 1 − 2/8
+    assert SimilarityScorer().score("", "abc")["similarity"] == 0.0
+
+
+def test_self_distilled_source_generates_once_and_corrupts_a_controlled_fraction(tmp_path, base_checkpoint):
+    from deft_lightning.data import FileSource, SelfDistilledSource
+    from deft_lightning.data.sources import RowReport
+
+    prompts = FileSource(ROOT / "data/tiny/train.jsonl", limit=6)
+
+    def source(noise: float, seed: int = 1) -> SelfDistilledSource:
+        return SelfDistilledSource(prompts, base_checkpoint, max_new_tokens=12, noise_fraction=noise, seed=seed,
+                                   prompt_style="alpaca", cache_dir=tmp_path / "cache")  # fmt: skip
+
+    clean = list(source(0.0).rows(RowReport()))
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and len(clean) > 0
+    noisy = list(source(0.5).rows(RowReport()))
+    assert list((tmp_path / "cache").iterdir()) == cached  # the continuations were generated once
+    assert [r["instruction"] for r in noisy] == [r["instruction"] for r in clean]
+    for clean_row, noisy_row in zip(clean, noisy, strict=True):
+        words, changed = clean_row["output"].split(), noisy_row["output"].split()
+        assert len(changed) == len(words)
+        assert sum(a != b for a, b in zip(words, changed, strict=True)) <= round(0.5 * len(words))
+    assert sum(c["output"] != n["output"] for c, n in zip(clean, noisy, strict=True)) > 0
+    assert source(0.5).fingerprint() != source(0.0).fingerprint() != source(0.0, seed=2).fingerprint()
+    assert list(source(0.5).rows(RowReport())) == noisy  # seeded
+    with pytest.raises(ValueError, match="noise_fraction"):
+        source(1.0)

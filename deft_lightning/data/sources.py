@@ -352,6 +352,8 @@ class SelfDistilledSource(Source):
         max_new_tokens: continuation length.
         noise_fraction: share of each continuation's words replaced (0 ≤ f < 1).
         seed: the corruption's seed.
+        prompt_style: how prompts are rendered for generation (default: the checkpoint's chat template); use
+            the fit's ``prompt_style``.
     """
 
     def __init__(
@@ -361,25 +363,22 @@ class SelfDistilledSource(Source):
         max_new_tokens: int = 48,
         noise_fraction: float = 0.0,
         seed: int = 1,
+        prompt_style: str | None = None,
         batch_size: int = 16,
         cache_dir: Path = Path(".cache/deft_lightning/self_distilled"),
     ) -> None:
         if not 0 <= noise_fraction < 1:
             raise ValueError(f"SelfDistilledSource: noise_fraction must be in [0, 1), got {noise_fraction}")
         self.prompts, self.checkpoint_dir, self.max_new_tokens = prompts, Path(checkpoint_dir), max_new_tokens
-        self.noise_fraction, self.seed, self.batch_size, self.cache_dir = (
-            noise_fraction,
-            seed,
-            batch_size,
-            Path(cache_dir),
-        )
+        self.noise_fraction, self.seed, self.prompt_style = noise_fraction, seed, prompt_style
+        self.batch_size, self.cache_dir = batch_size, Path(cache_dir)
         self.name = f"self-distilled({prompts.name}, noise {noise_fraction:g})"
 
     def _generation_key(self) -> str:
         weights = self.checkpoint_dir / "lit_model.pth"
         stat = weights.stat() if weights.is_file() else None
         return _digest("self", self.prompts.fingerprint(), str(self.checkpoint_dir.resolve()), stat and stat.st_size,
-                       stat and stat.st_mtime_ns, self.max_new_tokens)  # fmt: skip
+                       stat and stat.st_mtime_ns, self.max_new_tokens, self.prompt_style)  # fmt: skip
 
     def continuations(self) -> list[dict[str, str]]:
         """``{"instruction", "output"}`` with the base model's greedy continuation, generated once and cached."""
@@ -393,7 +392,7 @@ class SelfDistilledSource(Source):
         from deft_lightning.prompting import Prompter
 
         rows = list(self.prompts.rows(RowReport()))
-        ref = resolve_model("base", self.checkpoint_dir)
+        ref = resolve_model("base", self.checkpoint_dir, prompt_style=self.prompt_style)
         prompter = Prompter(ref.tokenizer_dir, ref.prompt_style)
         model = load_weights(ref, torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
         sampling = SamplingConfig(self.max_new_tokens, batch_size=self.batch_size)
