@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test test-fast run bench bench-fit lint format clean
+.PHONY: setup model test test-fast run evaluate sweep-mini bench bench-fit bench-generate lint format clean
 
 setup: $(STAMP)
 
@@ -33,11 +33,22 @@ test-fast: setup
 run: model
 	$(PY) -m deft_lightning fit --config configs/quickstart.yaml
 
+# offline evaluation of the embedded model (add fine-tuned checkpoints under `models:`)
+evaluate: model
+	$(PY) -m deft_lightning evaluate --config configs/eval/smollm2.yaml
+
+# the reduced miniature continuum (weak + strong, NLL / −p / DEFT) on SmolLM2; about 45 min on 2 CPU cores
+sweep-mini: model
+	$(PY) -m deft_lightning sweep --config configs/grids/miniature.yaml --regimes weak strong --objectives NLL −p DEFT
+
 bench: setup
 	$(PY) -m deft_lightning bench loss --size smollm2
 
 bench-fit: setup
 	$(PY) -m deft_lightning bench fit --config configs/tiny.yaml --objectives NLL DEFT Cayley EAFT
+
+bench-generate: model
+	$(PY) -m deft_lightning bench generate --items 32 --batch-sizes 1 8 32
 
 lint: setup
 	$(PY) -m ruff check .
