@@ -196,3 +196,12 @@ def test_data_can_be_any_source_described_in_yaml(tmp_path, two_models):
              "--models", f"a={two_models[0]}", "--out", str(tmp_path / "yaml")])  # fmt: skip
     analyze(analysis_args(tmp_path / "file", "probabilities", "--models", f"a={two_models[0]}"))
     assert (tmp_path / "yaml/probabilities.csv").read_text() == (tmp_path / "file/probabilities.csv").read_text()
+
+
+def test_shipped_source_files_parse():
+    from deft_lightning.analysis.run import source_from_yaml
+    from deft_lightning.data import FigFontSource, SelfDistilledSource
+
+    assert isinstance(source_from_yaml(ROOT / "configs/sources/miniature-weak.yaml"), FigFontSource)
+    strong = source_from_yaml(ROOT / "configs/sources/miniature-strong.yaml")
+    assert isinstance(strong, SelfDistilledSource) and strong.noise_fraction == 0.2

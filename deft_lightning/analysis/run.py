@@ -143,17 +143,23 @@ def _first_last(rows: list[list[object]], label: str) -> list[str]:
 # ---------------------------------------------------------------- passes over data
 
 
+def source_from_yaml(path: Path):
+    """A data Source from a YAML file holding its ``class_path`` and ``init_args``."""
+    from jsonargparse import ArgumentParser
+
+    from deft_lightning.data.sources import Source
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--source", type=Source)
+    return parser.instantiate_classes(parser.parse_args(["--source", path.read_text()])).source
+
+
 def _load_rows(path: Path, fields: dict[str, str], limit: int) -> list[dict[str, str]]:
     """Rows of a JSONL/JSON/Parquet file, or of any Source described by a YAML file (``class_path``/``init_args``)."""
-    from deft_lightning.data.sources import FileSource, RowReport, Source
+    from deft_lightning.data.sources import FileSource, RowReport
 
     if path.suffix in (".yaml", ".yml"):
-        from jsonargparse import ArgumentParser
-
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_argument("--source", type=Source)
-        source = parser.instantiate_classes(parser.parse_args(["--source", path.read_text()])).source
-        rows = [row for _, row in zip(range(limit), source.rows(RowReport()), strict=False)]
+        rows = [row for _, row in zip(range(limit), source_from_yaml(path).rows(RowReport()), strict=False)]
     else:
         rows = list(FileSource(path, fields=fields, limit=limit).rows(RowReport()))
     if not rows:
