@@ -8,8 +8,8 @@ python -m deft_lightning bench fit [--config configs/tiny.yaml] [--objectives NL
     per-step time of `fit` (forward, backward, optimizer) per objective, interleaved rounds, ratio to the first.
 python -m deft_lightning bench litgpt [--checkpoint-dir ...] [--steps 6]
     training tokens/s of `fit` (NLL and DEFT) vs `litgpt finetune_full` on the same model, data and batch.
-python -m deft_lightning bench generate [--checkpoint-dir ...] [--items 32] [--batch-sizes 1 16]
-    generation tokens/s on FigFont test prompts (greedy, KV cache) per batch size, ratio to the first.
+python -m deft_lightning bench generate [--checkpoint-dir ...] [--items 32] [--batch-sizes 1 16] [--samples 1]
+    generation tokens/s on FigFont test prompts (greedy, or n samples each) per batch size, ratio to the first.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def bench_litgpt(checkpoint_dir: str, data: str, steps: int, batch: int, micro: 
 
 
 def bench_generate(
-    checkpoint_dir: str, items: int, max_new_tokens: int, batch_sizes: list[int], device: str, rounds: int
+    checkpoint_dir: str, items: int, max_new_tokens: int, batch_sizes: list[int], device: str, rounds: int, samples: int
 ) -> None:
     import torch
 
@@ -333,10 +333,11 @@ def bench_generate(
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[size].append(time.perf_counter() - started)
-            tokens[size] = sum(len(o[0]) for o in outputs)
+            tokens[size] = sum(len(sample) for o in outputs for sample in o)
     print(
         f"\ngeneration, {checkpoint_dir}, {items} FigFont test prompts "
-        f"({min(map(len, prompts))}–{max(map(len, prompts))} tokens), greedy, ≤ {max_new_tokens} new tokens, "
+        f"({min(map(len, prompts))}–{max(map(len, prompts))} tokens), "
+        f"{'greedy' if samples == 1 else f'{samples} samples each at T = 1'}, ≤ {max_new_tokens} new tokens, "
         f"{dtype}, {device}, median of {rounds}"
     )
     print(f"{'batch size':<12}{'new tokens':>11}{'seconds':>10}{'tokens/s':>10}{'× first':>9}")
@@ -379,9 +380,18 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     gen.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     gen.add_argument("--rounds", type=int, default=3)
+    gen.add_argument("--samples", type=int, default=1, help="> 1: that many samples per prompt at temperature 1")
     args = parser.parse_args(argv)
     if args.mode == "generate":
-        bench_generate(args.checkpoint_dir, args.items, args.max_new_tokens, args.batch_sizes, args.device, args.rounds)
+        bench_generate(
+            args.checkpoint_dir,
+            args.items,
+            args.max_new_tokens,
+            args.batch_sizes,
+            args.device,
+            args.rounds,
+            args.samples,
+        )
     elif args.mode == "loss":
         bench_loss(args.size, args.repeats)
     elif args.mode == "fit":
