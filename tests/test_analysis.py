@@ -205,3 +205,10 @@ def test_shipped_source_files_parse():
     assert isinstance(source_from_yaml(ROOT / "configs/sources/miniature-weak.yaml"), FigFontSource)
     strong = source_from_yaml(ROOT / "configs/sources/miniature-strong.yaml")
     assert isinstance(strong, SelfDistilledSource) and strong.noise_fraction == 0.2
+
+
+def test_rolling_mean():
+    from deft_lightning.analysis.run import rolling_mean
+
+    assert rolling_mean([1.0, 2.0, 3.0, 6.0], 2) == [1.0, 1.5, 2.5, 4.5]
+    assert rolling_mean([1.0, 2.0], 1) == [1.0, 2.0]

@@ -94,7 +94,12 @@ def read_histograms(run_dir: Path, quantity: str) -> tuple[list[int], list[float
     return steps, bins, [[table[s].get(left, 0.0) for left in bins[:-1]] for s in steps]
 
 
-def trajectory(run_dirs: list[Path], labels: list[str], out: Path) -> list[list[object]]:
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    return [sum(values[max(0, i + 1 - window) : i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
+def trajectory(run_dirs: list[Path], labels: list[str], out: Path, smooth: int = 1) -> list[list[object]]:
     plt = _pyplot()
     rows = []
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -102,10 +107,11 @@ def trajectory(run_dirs: list[Path], labels: list[str], out: Path) -> list[list[
         points = read_trajectory(run)
         rows += [[label, step, alpha, p] for step, alpha, p in points]
         steps = [s for s, _, _ in points]
-        axes[0].plot(steps, [a for _, a, _ in points], label=label)
-        axes[1].plot(steps, [p for _, _, p in points], label=label)
-    axes[0].set(xlabel="step", ylabel="mean α = Σ p²", title="focus index α (step mean)")
-    axes[1].set(xlabel="step", ylabel="mean p(target)", title="target probability (step mean)")
+        axes[0].plot(steps, rolling_mean([a for _, a, _ in points], smooth), label=label)
+        axes[1].plot(steps, rolling_mean([p for _, _, p in points], smooth), label=label)
+    window = f", rolling mean of {smooth}" if smooth > 1 else ""
+    axes[0].set(xlabel="step", ylabel="mean α = Σ p²", title=f"focus index α (step mean{window})")
+    axes[1].set(xlabel="step", ylabel="mean p(target)", title=f"target probability (step mean{window})")
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
@@ -321,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = kinds.add_parser("trajectory")
     runs.add_argument("runs", nargs="+", type=Path, help="run directories (each holds metrics.csv)")
     runs.add_argument("--labels", nargs="+", help="legend labels (default: the directory names)")
+    runs.add_argument("--smooth", type=int, default=1, help="plot a rolling mean over this many steps")
     for kind in KINDS[1:]:
         sub = kinds.add_parser(kind)
         sub.add_argument("--data", type=Path, required=True, help="JSONL/JSON/Parquet file, or a Source in YAML")
@@ -351,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
             if len(labels) != len(args.runs):
                 raise ValueError(f"{len(args.runs)} runs but {len(labels)} labels")
             table = format_table(
-                ["run", "logged steps", "α first → last", "p first → last"], trajectory(args.runs, labels, out)
+                ["run", "logged steps", "α first → last", "p first → last"],
+                trajectory(args.runs, labels, out, args.smooth),
             )
         else:
             args.fields = dict(args.fields)
