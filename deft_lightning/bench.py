@@ -313,12 +313,12 @@ def bench_generate(
 
     from deft_lightning.evaluation import FigFont
     from deft_lightning.generation import SamplingConfig, generate
-    from deft_lightning.loading import load_weights, resolve_model
+    from deft_lightning.loading import inference_dtype, load_weights, resolve_device, resolve_model
     from deft_lightning.prompting import Prompter
 
     ref = resolve_model("model", checkpoint_dir)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_weights(ref, torch.device(device), dtype)
+    model = load_weights(ref, resolve_device(device), inference_dtype(resolve_device(device)))
+    dtype = next(model.parameters()).dtype
     prompter = Prompter(ref.tokenizer_dir, ref.prompt_style)
     prompts = [prompter.prompt_ids(item.row) for item in FigFont(limit=items).items()]
     generate(model, prompts[:2], prompter.tokenizer.eos_id, SamplingConfig(max_new_tokens=4))  # warm-up

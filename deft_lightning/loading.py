@@ -98,3 +98,15 @@ def load_weights(ref: ModelRef, device: torch.device, dtype: torch.dtype) -> tor
     model.load_state_dict(state)
     model.reset_parameters()  # GPT's own: rebuilds the rope cache (a buffer, not in the state dict)
     return model.to(dtype).eval()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; anything else as torch spells it (``cpu``, ``cuda:1``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs; fp32 on CPU, where bf16 is far slower."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -176,7 +176,7 @@ def _load_rows(path: Path, fields: dict[str, str], limit: int) -> list[dict[str,
 def _statistics(models: dict[str, Path], args: argparse.Namespace, needs) -> dict[str, object]:
     """Per-model token statistics on the same rows and tokens (the models must share tokenizer and prompt)."""
     from deft_lightning.analysis.tokens import token_statistics
-    from deft_lightning.loading import load_weights, resolve_model
+    from deft_lightning.loading import inference_dtype, load_weights, resolve_device, resolve_model
     from deft_lightning.prompting import Prompter
 
     refs = [resolve_model(name, path, args.tokenizer_dir, args.prompt_style) for name, path in models.items()]
@@ -187,10 +187,8 @@ def _statistics(models: dict[str, Path], args: argparse.Namespace, needs) -> dic
         raise ValueError("the models use different tokenizers or prompt styles, so their tokens do not align")
     rows = _load_rows(args.data, args.fields, args.limit)
     prompter = Prompter(refs[0].tokenizer_dir, refs[0].prompt_style, refs[0].system_prompt)
-    device = torch.device(
-        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    )
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = resolve_device(args.device)
+    dtype = inference_dtype(device)
     results = {}
     for ref in refs:
         model = load_weights(ref, device, dtype)

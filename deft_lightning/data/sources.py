@@ -385,16 +385,16 @@ class SelfDistilledSource(Source):
         path = self.cache_dir / f"{self._generation_key()}.jsonl"
         if path.is_file():
             return [json.loads(line) for line in path.read_text().splitlines()]
-        import torch
 
         from deft_lightning.generation import SamplingConfig, generate
-        from deft_lightning.loading import load_weights, resolve_model
+        from deft_lightning.loading import inference_dtype, load_weights, resolve_device, resolve_model
         from deft_lightning.prompting import Prompter
 
         rows = list(self.prompts.rows(RowReport()))
         ref = resolve_model("base", self.checkpoint_dir, prompt_style=self.prompt_style)
         prompter = Prompter(ref.tokenizer_dir, ref.prompt_style)
-        model = load_weights(ref, torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
+        device = resolve_device("auto")
+        model = load_weights(ref, device, inference_dtype(device))
         sampling = SamplingConfig(self.max_new_tokens, batch_size=self.batch_size)
         prompts = [prompter.prompt_ids(row) for row in rows]
         outputs = generate(model, prompts, prompter.tokenizer.eos_id, sampling, progress="self-distilled targets")

@@ -26,7 +26,7 @@ import torch
 
 from deft_lightning.evaluation.benchmarks import Benchmark, Item
 from deft_lightning.generation import generate
-from deft_lightning.loading import load_weights, resolve_model
+from deft_lightning.loading import load_weights, resolve_device, resolve_model
 from deft_lightning.prompting import Prompter
 from deft_lightning.tables import format_table
 
@@ -167,7 +167,7 @@ def evaluate(
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
         raise ValueError(f"evaluate: benchmark names must be unique, got {names}")
-    device_ = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    device_ = resolve_device(device)
     precision = precision or ("bf16-true" if device_.type == "cuda" else "32-true")
     dtypes = {"32-true": torch.float32, "bf16-true": torch.bfloat16}
     if precision not in dtypes:
