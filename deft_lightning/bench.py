@@ -317,8 +317,9 @@ def bench_generate(
     from deft_lightning.prompting import Prompter
 
     ref = resolve_model("model", checkpoint_dir)
-    model = load_weights(ref, resolve_device(device), inference_dtype(resolve_device(device)))
-    dtype = next(model.parameters()).dtype
+    target = resolve_device(device)
+    dtype = inference_dtype(target)
+    model = load_weights(ref, target, dtype)
     prompter = Prompter(ref.tokenizer_dir, ref.prompt_style)
     prompts = [prompter.prompt_ids(item.row) for item in FigFont(limit=items).items()]
     generate(model, prompts[:2], prompter.tokenizer.eos_id, SamplingConfig(max_new_tokens=4))  # warm-up

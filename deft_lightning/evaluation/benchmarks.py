@@ -53,6 +53,8 @@ class Benchmark:
     """
 
     scorer: Scorer
+    #: where the items come from; its fingerprint is part of the benchmark's identity
+    source: Source
     #: aggregated metrics shown in tables; the first one is the benchmark's headline (the suite average's)
     table_metrics: tuple[str, ...]
 
@@ -104,7 +106,8 @@ class Benchmark:
 
     def spec(self) -> dict[str, Any]:
         """Everything that decides this benchmark's generations and scores (for result reuse)."""
-        return {"class": type(self).__name__, **{k: v for k, v in vars(self).items() if k != "scorer"}}
+        settings = {k: v for k, v in vars(self).items() if k not in ("scorer", "source")}
+        return {"class": type(self).__name__, **settings, "source": self.source.fingerprint()}
 
 
 def _mean(values: list[float]) -> float:
@@ -135,9 +138,6 @@ class FigFont(Benchmark):
     def _items(self) -> Iterator[Item]:
         for index, row in enumerate(self.source.rows(RowReport())):
             yield Item(f"{self.source.start + index}", row, row["output"])
-
-    def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "source": self.source.fingerprint()}
 
 
 class Math(Benchmark):
@@ -193,9 +193,6 @@ class Math(Benchmark):
                 [pass_at_k(len(s), int(sum(x["correct"] for x in s)), k) for s in scores]
             )
         return metrics
-
-    def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "source": self.source.fingerprint()}
 
 
 #: the answer letters of multiple-choice options, in order
@@ -285,9 +282,6 @@ class Choice(Benchmark):
     def _metric_name(self, metric: str) -> str:
         return "accuracy"
 
-    def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "source": self.source.fingerprint()}
-
 
 class Continuation(Benchmark):
     """Greedy continuations compared with reference texts by similarity — e.g. retention: how much of the base
@@ -309,6 +303,3 @@ class Continuation(Benchmark):
     def _items(self) -> Iterator[Item]:
         for index, row in enumerate(self.source.rows(RowReport())):
             yield Item(str(index), row, row["output"])
-
-    def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "source": self.source.fingerprint()}

@@ -49,9 +49,13 @@ def run_benchmark(
     seed: int,
     batch_size: int,
     progress: str | None = None,
+    prompts: list[list[int]] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, float]]:
-    """Generate, score and aggregate one benchmark: ``(metrics, per-item records, throughput)``."""
-    prompts = [prompter.prompt_ids(item.row) for item in items]
+    """Generate, score and aggregate one benchmark: ``(metrics, per-item records, throughput)``.
+
+    ``prompts``: the items' prompt ids when already rendered by ``prompter``.
+    """
+    prompts = prompts or [prompter.prompt_ids(item.row) for item in items]
     sampling = benchmark.sampling(batch_size)
     started = time.perf_counter()
     outputs = generate(
@@ -177,12 +181,15 @@ def evaluate(
     refs = [resolve_model(n, p, tokenizer_dir, prompt_style) for n, p in models.items()]
     items = {b.name: b.items() for b in benchmarks}
     prompters: dict[tuple[Path, str, str | None], Prompter] = {}
+    prompts: dict[tuple[tuple[Path, str, str | None], str], list[list[int]]] = {}  # rendered once per format
     for ref in refs:
         key = (ref.tokenizer_dir, ref.prompt_style, ref.system_prompt)
         if key not in prompters:
             prompters[key] = Prompter(*key)
+            for benchmark in benchmarks:
+                prompts[key, benchmark.name] = [prompters[key].prompt_ids(item.row) for item in items[benchmark.name]]
         for benchmark in benchmarks:
-            longest = max(len(prompters[key].prompt_ids(item.row)) for item in items[benchmark.name])
+            longest = max(map(len, prompts[key, benchmark.name]))
             if longest + benchmark.max_new_tokens > ref.config.block_size:
                 raise ValueError(
                     f"benchmark '{benchmark.name}': a prompt of {longest} tokens + max_new_tokens "
@@ -208,7 +215,7 @@ def evaluate(
         _write_atomic(results_file, json.dumps(document, indent=1, default=str))
 
     for ref in refs:
-        prompter = prompters[ref.tokenizer_dir, ref.prompt_style, ref.system_prompt]
+        prompt_format = (ref.tokenizer_dir, ref.prompt_style, ref.system_prompt)
         model = None
         for benchmark in benchmarks:
             sampling = benchmark.sampling(batch_size)
@@ -221,12 +228,13 @@ def evaluate(
                 model = load_weights(ref, device_, dtypes[precision])
             metrics, records, throughput = run_benchmark(
                 model,
-                prompter,
+                prompters[prompt_format],
                 benchmark,
                 items[benchmark.name],
                 seed,
                 batch_size,
                 f"{ref.name}/{benchmark.name}",
+                prompts[prompt_format, benchmark.name],
             )
             _write_atomic(out_dir / generations, "".join(json.dumps(r, default=str) + "\n" for r in records))
             cells.append(
