@@ -13,13 +13,11 @@ batch-mean floor) and models with logit soft-capping take the plain path instead
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
 from deft_lightning.objectives import Objective
-from deft_lightning.statistics import STAT_NAMES, Needs, TokenStats, chunk_rows, chunk_statistics
+from deft_lightning.statistics import DEFAULT_CHUNK_ELEMENTS, STAT_NAMES, Needs, TokenStats, chunk_rows, softmax_chunk
 
 
 class _FusedObjectiveLoss(torch.autograd.Function):
@@ -43,13 +41,7 @@ class _FusedObjectiveLoss(torch.autograd.Function):
         for start in range(0, n, chunk):
             index, y = rows[start : start + chunk], targets[start : start + chunk]
             h = hidden.index_select(0, index)
-            z = (h @ weight.T).to(dtype)
-            lse = torch.logsumexp(z, dim=-1)
-            logp = z.gather(1, y[:, None]).squeeze(1) - lse
-            chunk_stats = chunk_statistics(z, lse, y, replace(needs, collision=False))
-            probs = z.sub_(lse[:, None]).exp_()  # softmax, in place: the gradient needs it anyway
-            if needs.collision:  # Σ p² from the softmax at hand, no second exp pass
-                chunk_stats["collision"] = torch.bmm(probs[:, None, :], probs[:, :, None]).flatten()
+            logp, _, probs, chunk_stats = softmax_chunk((h @ weight.T).to(dtype), y, needs)
             token_stats = TokenStats(logp, probs.shape[-1], **chunk_stats)
             token_loss, gate = objective.loss_and_weight(logp, token_stats)
             losses.append(token_loss)
@@ -74,7 +66,9 @@ class _FusedObjectiveLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # else: no copy of a [V, d] gradient
+            grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def fused_objective_loss(
@@ -85,7 +79,7 @@ def fused_objective_loss(
     scale: float,
     needs: Needs | None = None,
     ignore_index: int = -100,
-    chunk_elements: int = 2**24,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, TokenStats]:
     """``scale · Σ token losses`` of the kept rows, differentiable w.r.t. ``hidden [N, d]`` and ``weight [V, d]``.
 

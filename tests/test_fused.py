@@ -62,6 +62,17 @@ def test_fused_handles_bf16_inputs_and_no_kept_rows():
     assert torch.autograd.grad(empty, h2)[0].abs().sum() == 0
 
 
+def test_fused_gradients_follow_the_upstream_gradient():
+    """Backward hands out the stored gradients as they are for ∂/∂loss = 1 and scales them otherwise."""
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(12, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (12,))
+    unit = torch.autograd.grad(fused_objective_loss(hidden, weight, targets, DEFT(), 1 / 12)[0], (hidden, weight))
+    scaled_loss = fused_objective_loss(hidden, weight, targets, DEFT(), 1 / 12)[0] * -2.5
+    for got, want in zip(torch.autograd.grad(scaled_loss, (hidden, weight)), unit, strict=True):
+        torch.testing.assert_close(got, -2.5 * want)
+
+
 def test_batch_dependent_objectives_are_refused():
     with pytest.raises(ValueError, match="plain path"):
         fused_objective_loss(torch.randn(4, 8), torch.randn(10, 8), torch.arange(4), CayleyReference(), 1.0)
