@@ -53,6 +53,7 @@ class _FusedObjectiveLoss(torch.autograd.Function):
             grad_z = grad_z.to(hidden.dtype)
             grad_hidden.index_copy_(0, index, grad_z @ weight)
             grad_weight.addmm_(grad_z.T.to(dtype), h.to(dtype))
+            del probs, grad_z  # free this chunk before the next one is allocated
             logps.append(logp)
             for name, value in chunk_stats.items():
                 stats[name].append(value)

@@ -124,9 +124,10 @@ class _TargetLogProb(torch.autograd.Function):
             stop = min(start + chunk, n)
             z = logits.index_select(0, rows[start:stop]).to(dtype)
             t = targets[start:stop]
-            logp[start:stop], lse[start:stop], _, chunk_stats = softmax_chunk(z, t, needs)
+            logp[start:stop], lse[start:stop], probs, chunk_stats = softmax_chunk(z, t, needs)
             for name, value in chunk_stats.items():
                 stats.setdefault(name, []).append(value)
+            del z, probs  # free this chunk before the next one is allocated
         ctx.save_for_backward(logits, rows, targets, lse)
         ctx.chunk = chunk
         outputs = [torch.cat(stats[name]) if name in stats else logp.new_empty(0) for name in STAT_NAMES]
@@ -139,11 +140,12 @@ class _TargetLogProb(torch.autograd.Function):
         grad_logits = torch.zeros_like(logits)
         for start in range(0, rows.numel(), ctx.chunk):
             stop = min(start + ctx.chunk, rows.numel())
-            z = logits.index_select(0, rows[start:stop]).to(lse.dtype)
             g = grad_logp[start:stop, None]
-            grad = -torch.exp(z - lse[start:stop, None]) * g
+            grad = logits.index_select(0, rows[start:stop]).to(lse.dtype)
+            grad.sub_(lse[start:stop, None]).exp_().mul_(-g)  # in place: one [rows × V] buffer per chunk
             grad.scatter_add_(1, targets[start:stop, None], g)
             grad_logits.index_copy_(0, rows[start:stop], grad.to(logits.dtype))
+            del grad
         return grad_logits, None, None, None, None
 
 
