@@ -50,8 +50,10 @@ def reference_gate(objective: Objective, logits: torch.Tensor, targets: torch.Te
         return p**objective.alpha
     if isinstance(objective, EAFT):
         k = min(objective.k, logits.shape[-1])
-        top = torch.softmax(logits.double().topk(k, -1).values, -1)
-        return (-(top * top.log()).sum(-1) / math.log(k)) ** objective.gamma
+        top = logits.double().topk(k, -1).values
+        shifted = top - top[:, :1]
+        log_q = shifted - torch.log1p(shifted[:, 1:].exp().sum(-1, keepdim=True))  # exact LSE when one dominates
+        return (-(log_q.exp() * log_q).sum(-1) / math.log(k)) ** objective.gamma
     if isinstance(objective, Cayley):
         root = torch.sqrt(1 - p)
         return p ** ((1 - root) / (1 + root))  # Eq. 17
