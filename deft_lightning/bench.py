@@ -1,6 +1,6 @@
 """Side-by-side benchmarks; every figure is a ratio against a baseline measured in the same run.
 
-python -m deft_lightning bench loss [--size smollm2|qwen1.5b] [--repeats 5]
+python -m deft_lightning bench loss [--size smollm2|qwen1.5b] [--repeats 5] [--cases ...]
     forward+backward of the loss step (output projection included) per implementation, each case in a fresh
     process: median time over --repeats runs after one warm-up, and peak memory above the inputs
     (CUDA: max allocated; CPU: peak RSS), as ratios to materialized-logits NLL (F.cross_entropy).
@@ -33,6 +33,7 @@ LOSS_CASES = [
     "fused DEFT",
     "fused Cayley",
     "fused EAFT",
+    "fused DEFT, logging step",
 ]
 
 
@@ -42,7 +43,7 @@ def _loss_case(name: str) -> Callable:  # (hidden, weight, targets) -> scalar lo
 
     from deft_lightning import objectives
     from deft_lightning.fused import fused_objective_loss
-    from deft_lightning.statistics import target_log_probs
+    from deft_lightning.statistics import Needs, target_log_probs
 
     def materialized_nll(h, w, t):
         return F.cross_entropy((h @ w.T).float(), t, ignore_index=-100)
@@ -67,9 +68,9 @@ def _loss_case(name: str) -> Callable:  # (hidden, weight, targets) -> scalar lo
 
         return run
 
-    def fused(objective):
+    def fused(objective, needs=None):
         def run(h, w, t):
-            return fused_objective_loss(h, w, t, objective, 1.0 / int((t != -100).sum()))[0]
+            return fused_objective_loss(h, w, t, objective, 1.0 / int((t != -100).sum()), needs)[0]
 
         return run
 
@@ -82,6 +83,8 @@ def _loss_case(name: str) -> Callable:  # (hidden, weight, targets) -> scalar lo
         "fused DEFT": fused(objectives.DEFT()),
         "fused Cayley": fused(objectives.Cayley()),
         "fused EAFT": fused(objectives.EAFT()),
+        # the statistics a training step adds on logging steps (entropy, Σp², accuracy)
+        "fused DEFT, logging step": fused(objectives.DEFT(), Needs(entropy=True, collision=True, correct=True)),
     }[name]
 
 
@@ -127,10 +130,10 @@ def run_loss_case(name: str, size: str, repeats: int, device: str) -> dict:
     return {"case": name, "seconds": statistics.median(times[1:]), "peak_bytes": peak}
 
 
-def bench_loss(size: str, repeats: int) -> None:
+def bench_loss(size: str, repeats: int, cases: list[str]) -> None:
     device = "cuda" if _cuda_available() else "cpu"
     rows = []
-    for name in LOSS_CASES:
+    for name in [LOSS_CASES[0], *(case for case in cases if case != LOSS_CASES[0])]:  # the baseline first
         result = subprocess.run(
             [sys.executable, "-m", "deft_lightning.bench", "_loss_case", name, size, str(repeats), device],
             capture_output=True,
@@ -144,13 +147,13 @@ def bench_loss(size: str, repeats: int) -> None:
     base = rows[0]
     n, d, v = SIZES[size]
     print(f"\nloss step, forward + backward, N={n} d={d} V={v}, {device}, median of {repeats} after warm-up")
-    print(f"{'case':<20}{'time (s)':>10}{'× NLL':>8}{'peak (MiB)':>12}{'× NLL':>8}")
+    print(f"{'case':<26}{'time (s)':>10}{'× NLL':>8}{'peak (MiB)':>12}{'× NLL':>8}")
     for row in rows:
         if "error" in row:
-            print(f"{row['case']:<20}  failed: {row['error']}")
+            print(f"{row['case']:<26}  failed: {row['error']}")
             continue
         print(
-            f"{row['case']:<20}{row['seconds']:>10.3f}{row['seconds'] / base['seconds']:>8.2f}"
+            f"{row['case']:<26}{row['seconds']:>10.3f}{row['seconds'] / base['seconds']:>8.2f}"
             f"{row['peak_bytes'] / 2**20:>12.0f}{row['peak_bytes'] / base['peak_bytes']:>8.2f}"
         )
 
@@ -361,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     loss = modes.add_parser("loss")
     loss.add_argument("--size", choices=list(SIZES), default="smollm2")
     loss.add_argument("--repeats", type=int, default=5)
+    loss.add_argument("--cases", nargs="+", choices=LOSS_CASES, default=LOSS_CASES, help="(materialized NLL always)")
     fit = modes.add_parser("fit")
     fit.add_argument("--config", default="configs/tiny.yaml")
     fit.add_argument("--objectives", nargs="+", default=["NLL", "DEFT", "Cayley", "EAFT"])
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
             args.samples,
         )
     elif args.mode == "loss":
-        bench_loss(args.size, args.repeats)
+        bench_loss(args.size, args.repeats, args.cases)
     elif args.mode == "fit":
         bench_fit(args.config, args.objectives, args.steps, args.warmup, args.rounds)
     else:

@@ -2,10 +2,16 @@
 
 Every objective's logit gradient is ``w · (softmax − onehot)`` with a detached per-token weight ``w``, and the
 step's loss scale (``world_size / global token count``) is known before the forward pass. So, for each chunk
-of trainable tokens, the forward pass computes the logits ``h Wᵀ`` in fp32, log p, the statistics the objective
+of trainable tokens, the forward pass computes the logits ``h Wᵀ``, log p, the statistics the objective
 declares, the token losses and weights, and right away the gradients w.r.t. the hidden states and the output
 weight (as Liger-Kernel's fused linear cross-entropy does for NLL). Backward only scales the stored gradients.
 Three matmuls per chunk, like the materialized path, and memory of one chunk of logits instead of all of them.
+
+Precision is decided here, not inherited from autocast: the matmul inputs are in the *compute dtype* (autocast's
+dtype under ``bf16-mixed``, else the inputs' own), every matmul accumulates **and returns** fp32 (fp32-output
+GEMMs on CUDA, an upcast elsewhere), so logits, softmax, statistics, losses and the output-weight gradient are
+fp32 (fp64 for fp64 inputs); only the logit gradient is rounded to the compute dtype before its two matmuls,
+as autocast's backward of a linear layer does.
 
 Objectives whose weights depend on the whole batch (``Objective.batch_dependent``, e.g. ``CayleyReference``'s
 batch-mean floor) and models with logit soft-capping take the plain path instead; nothing changes silently.
@@ -17,7 +23,36 @@ import torch
 from torch import Tensor
 
 from deft_lightning.objectives import Objective
-from deft_lightning.statistics import DEFAULT_CHUNK_ELEMENTS, STAT_NAMES, Needs, TokenStats, chunk_rows, softmax_chunk
+from deft_lightning.statistics import (
+    DEFAULT_CHUNK_ELEMENTS,
+    STAT_NAMES,
+    Needs,
+    TokenStats,
+    chunk_rows,
+    full_precision,
+    softmax_chunk,
+)
+
+
+def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The matmul input dtype: autocast's where it is on (as it would run the output head), else the inputs'."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``a @ b`` accumulated and returned in ``out_dtype`` (inputs in a narrower dtype only on CUDA)."""
+    return a @ b if a.dtype == out_dtype else torch.mm(a, b, out_dtype=out_dtype)
+
+
+def _addmm_(accumulator: Tensor, a: Tensor, b: Tensor) -> None:
+    """``accumulator += a @ b`` in the accumulator's dtype."""
+    if a.dtype == accumulator.dtype:
+        accumulator.addmm_(a, b)
+    else:
+        torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
 
 
 class _FusedObjectiveLoss(torch.autograd.Function):
@@ -32,16 +67,21 @@ class _FusedObjectiveLoss(torch.autograd.Function):
         needs: Needs,
         scale: float,
         chunk: int,
+        dtype: torch.dtype,
     ):
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        wide = torch.promote_types(dtype, torch.float32)  # logits, statistics, losses, accumulators
         n = rows.numel()
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device)
+        # CUDA multiplies compute-dtype operands into fp32; elsewhere (no such GEMM) operands rounded to the
+        # compute dtype are multiplied in fp32: the same numbers up to summation order
+        operand = dtype if hidden.is_cuda else wide
+        weight_c = weight.to(dtype).to(operand)  # one cast per call, like autocast's cached weight cast
         losses, gates, logps, stats = [], [], [], {name: [] for name in needs.requested()}
         for start in range(0, n, chunk):
             index, y = rows[start : start + chunk], targets[start : start + chunk]
-            h = hidden.index_select(0, index)
-            logp, _, probs, chunk_stats = softmax_chunk((h @ weight.T).to(dtype), y, needs)
+            h = hidden.index_select(0, index).to(dtype).to(operand)
+            logp, _, probs, chunk_stats = softmax_chunk(_matmul(h, weight_c.T, wide), y, needs)
             token_stats = TokenStats(logp, probs.shape[-1], **chunk_stats)
             token_loss, gate = objective.loss_and_weight(logp, token_stats)
             losses.append(token_loss)
@@ -50,15 +90,15 @@ class _FusedObjectiveLoss(torch.autograd.Function):
             # ∂(scale·Σ loss)/∂z = gate · (softmax − onehot), in place on the softmax chunk
             grad_z = probs.mul_(gate[:, None])
             grad_z.scatter_add_(1, y[:, None], -gate[:, None])
-            grad_z = grad_z.to(hidden.dtype)
-            grad_hidden.index_copy_(0, index, grad_z @ weight)
-            grad_weight.addmm_(grad_z.T.to(dtype), h.to(dtype))
+            grad_z = grad_z.to(dtype).to(operand)
+            grad_hidden.index_copy_(0, index, _matmul(grad_z, weight_c, wide).to(hidden.dtype))
+            _addmm_(grad_weight, grad_z.T, h)
             del probs, grad_z  # free this chunk before the next one is allocated
             logps.append(logp)
             for name, value in chunk_stats.items():
                 stats[name].append(value)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        empty = hidden.new_empty(0, dtype=dtype)
+        empty = hidden.new_empty(0, dtype=wide)
         token_loss, gate, logp = (torch.cat(x) if x else empty for x in (losses, gates, logps))
         outputs = [torch.cat(stats[name]) if name in stats and n else empty for name in STAT_NAMES]
         ctx.mark_non_differentiable(token_loss, gate, logp, *outputs)
@@ -69,7 +109,7 @@ class _FusedObjectiveLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # else: no copy of a [V, d] gradient
             grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_objective_loss(
@@ -85,7 +125,8 @@ def fused_objective_loss(
     """``scale · Σ token losses`` of the kept rows, differentiable w.r.t. ``hidden [N, d]`` and ``weight [V, d]``.
 
     Returns the scaled loss sum (call ``backward`` on it) and, detached, the per-token losses, gates, log p and
-    statistics of the kept rows (``needs`` adds statistics for logging to the objective's own).
+    statistics of the kept rows (``needs`` adds statistics for logging to the objective's own), in fp32 (fp64
+    for fp64 inputs). Under autocast the matmul inputs are in autocast's dtype; see the module docstring.
     """
     if objective.batch_dependent:
         raise ValueError(f"{objective!r} depends on batch-level statistics; use the plain path (fused: false)")
@@ -93,9 +134,11 @@ def fused_objective_loss(
     targets = targets.long()
     rows = (targets != ignore_index).nonzero().squeeze(1)
     chunk = chunk_rows(weight.shape[0], chunk_elements)
-    loss, token_loss, gate, logp, *stats = _FusedObjectiveLoss.apply(
-        hidden, weight, rows, targets.index_select(0, rows), objective, needs, scale, chunk
-    )
+    dtype = compute_dtype(hidden, weight)
+    with full_precision(hidden.device):
+        loss, token_loss, gate, logp, *stats = _FusedObjectiveLoss.apply(
+            hidden, weight, rows, targets.index_select(0, rows), objective, needs, scale, chunk, dtype
+        )
     computed = dict(zip(STAT_NAMES, stats, strict=True))
     stats = TokenStats(logp, weight.shape[0], **{n: computed[n] for n in needs.requested()})
     return loss, token_loss, gate, logp, stats

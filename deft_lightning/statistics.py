@@ -85,29 +85,56 @@ def chunk_rows(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) ->
     return max(1, chunk_elements // vocab_size)
 
 
-def softmax_chunk(z: Tensor, targets: Tensor, needs: Needs) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """Turn a chunk of fp32 logits ``z [rows, V]`` into its softmax **in place**, with one exp pass.
+def full_precision(device: torch.device):
+    """Autocast off: statistics and the fused pass choose their dtypes explicitly (autocast would run the
+    collision ``bmm`` and the head matmuls in bf16 under ``bf16-mixed``)."""
+    return torch.autocast(device.type, enabled=False)
 
-    Returns ``log p`` of the targets, the log-sum-exp, the softmax (``z``'s storage) and the requested statistics;
-    the only ``[rows × V]`` temporary is the one entropy needs.
+
+#: entropy is summed over slices of a chunk's rows so that its ``p·log p`` temporary is at most 1/8 of a chunk
+ENTROPY_SLICES = 8
+
+
+def topk_entropy(z: Tensor, k: int) -> Tensor:
+    """Entropy of the softmax over each row's k largest logits, to full relative precision when one dominates.
+
+    With x = top-k logits minus their maximum and s = Σ_{i>1} e^{x_i}: H = log1p(s) − Σ_{i>1} e^{x_i}·x_i / (1 + s)
+    (the naive −Σ q log q loses the first term once 1 − q_max is below the dtype's resolution); a logit of −inf
+    contributes 0·(−inf) = 0.
     """
-    stats = {}
-    if needs.top_k:
-        log_q = torch.log_softmax(z.topk(min(needs.top_k, z.shape[-1]), dim=-1).values, dim=-1)
-        stats["topk_entropy"] = -(log_q.exp() * log_q).sum(-1)
-    if needs.correct:
-        stats["correct"] = (z.argmax(-1) == targets).to(z.dtype)
-    peak = z.amax(-1, keepdim=True)
-    target_shifted = z.gather(1, targets[:, None]) - peak
-    probs = z.sub_(peak).exp_()
-    total = probs.sum(-1, keepdim=True)
-    probs.div_(total)
-    log_total = total.log()
-    if needs.entropy:
-        stats["entropy"] = torch.special.entr(probs).sum(-1)
-    if needs.collision:  # Σ p² = exp(−Rényi-2 entropy), from the softmax at hand
-        stats["collision"] = torch.bmm(probs[:, None, :], probs[:, :, None]).flatten()
-    return (target_shifted - log_total).squeeze(1), (peak + log_total).squeeze(1), probs, stats
+    top = z.topk(min(k, z.shape[-1]), dim=-1).values
+    rest = top[:, 1:] - top[:, :1]
+    mass = rest.exp()
+    spread = mass.sum(-1)
+    weighted = torch.where(mass > 0, mass * rest, 0).sum(-1)
+    return torch.log1p(spread) - weighted / (1 + spread)
+
+
+def softmax_chunk(z: Tensor, targets: Tensor, needs: Needs) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """Turn a chunk of fp32 (or fp64) logits ``z [rows, V]`` into its softmax **in place**, with one exp pass.
+
+    Returns ``log p`` of the targets, the log-sum-exp, the softmax (``z``'s storage) and the requested statistics,
+    all in ``z``'s dtype whatever autocast says; the only other ``[rows × V]``-sized temporary is a slice of
+    ``1/ENTROPY_SLICES`` of the chunk on steps that ask for the entropy.
+    """
+    with full_precision(z.device):
+        stats = {}
+        if needs.top_k:
+            stats["topk_entropy"] = topk_entropy(z, needs.top_k)
+        peak = z.amax(-1, keepdim=True)
+        target_shifted = z.gather(1, targets[:, None]) - peak
+        if needs.correct:  # a target tied with the maximum is correct, wherever the tie is
+            stats["correct"] = (target_shifted == 0).squeeze(1).to(z.dtype)
+        probs = z.sub_(peak).exp_()
+        total = probs.sum(-1, keepdim=True)
+        probs.div_(total)
+        log_total = total.log()
+        if needs.entropy:
+            step = max(1, -(-probs.shape[0] // ENTROPY_SLICES))
+            stats["entropy"] = torch.cat([torch.special.entr(part).sum(-1) for part in probs.split(step)])
+        if needs.collision:  # Σ p² = exp(−Rényi-2 entropy), from the softmax at hand, no temporary
+            stats["collision"] = torch.bmm(probs[:, None, :], probs[:, :, None]).flatten()
+        return (target_shifted - log_total).squeeze(1), (peak + log_total).squeeze(1), probs, stats
 
 
 class _TargetLogProb(torch.autograd.Function):
