@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from litgpt import GPT, Config
 from torch import Tensor
 from torch.distributed.tensor import DTensor
@@ -153,6 +154,12 @@ class DeftModule(L.LightningModule):
                 f"trainer.precision={precision} needs loss scaling, which this module does not do; "
                 "use bf16-mixed / bf16-true on GPU or 32-true on CPU"
             )
+        if precision == "bf16-true" and stage == "fit":
+            rank_zero_warn(
+                "trainer.precision=bf16-true keeps the weights in bf16: AdamW updates smaller than a weight's bf16 "
+                "spacing (|Δw| < |w|/256, e.g. lr 5e-5 on weights above ~0.01) round to nothing, so most weights "
+                "barely train. Use bf16-mixed (fp32 weights, bf16 compute) unless you know your updates are large."
+            )
         datamodule = getattr(self.trainer, "datamodule", None)
         vocab_size = getattr(datamodule, "vocab_size", None)
         if vocab_size is not None and vocab_size > self.config.padded_vocab_size:
@@ -259,11 +266,14 @@ class DeftModule(L.LightningModule):
         )
         if isinstance(grad_norm, DTensor):  # FSDP2: the norm is itself sharded
             grad_norm = grad_norm.full_tensor()
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            scheduler.step()
-        else:
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
+        if not torch.isfinite(grad_norm):
+            # no update, but the step counts (as AMP's GradScaler skips): AdamW leaves parameters without a
+            # gradient untouched, and global_step stays equal to Lightning's logged row index across resumes
+            optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
+        optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         names = list(sums)
@@ -274,7 +284,7 @@ class DeftModule(L.LightningModule):
         metrics["train/tokens_per_s"] = processed / seconds
         metrics["train/trained_tokens_per_s"] = global_tokens / seconds
         metrics["train/grad_norm"] = grad_norm.float()
-        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics["train/lr"] = learning_rate
         metrics["train/skipped_steps"] = float(self.skipped_steps)
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in PROGRESS_BAR_METRICS, rank_zero_only=True)

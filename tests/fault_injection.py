@@ -1,10 +1,14 @@
-"""A checkpoint writer that stalls half-way through one chosen save, so a test can kill -9 the process there."""
+"""Faults on purpose: a checkpoint writer that stalls half-way through one save (for kill -9 there), a NaN step."""
 
 import io
+import math
 import os
 import time
 
+import lightning as L
+
 from deft_lightning.checkpointing import AtomicCheckpointIO
+from deft_lightning.objectives import Objective
 
 
 class StallingCheckpointIO(AtomicCheckpointIO):
@@ -26,3 +30,31 @@ class StallingCheckpointIO(AtomicCheckpointIO):
         handle.flush()
         os.fsync(handle.fileno())
         time.sleep(600)  # the test kills the process here
+
+
+class NonFiniteAt(L.Callback):
+    """Makes the loss of step ``step`` NaN once (its gradient norm is not finite, so the step is skipped)."""
+
+    def __init__(self, step: int = 2) -> None:
+        self.step = step
+        self._objective = None
+        self._done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self._done:
+            self._done = True
+            self._objective = pl_module.objective
+            pl_module.objective = _Poisoned(self._objective)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if self._objective is not None:
+            pl_module.objective, self._objective = self._objective, None
+
+
+class _Poisoned(Objective):
+    def __init__(self, inner: Objective) -> None:
+        self.inner = inner
+        self.needs = inner.needs
+
+    def token_loss(self, logp, stats):
+        return self.inner.token_loss(logp, stats) * math.nan

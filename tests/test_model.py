@@ -129,17 +129,26 @@ class Poisoned(Objective):
 
 
 def test_non_finite_gradient_skips_the_step():
+    """No update and no optimizer state, but the step counts (global_step = Lightning's row index)."""
     batch = uneven_batch()
     module = DeftModule(objective=Poisoned(), model_config=TINY)
     module.configure_model()
     before = copy.deepcopy(module.model.state_dict())
-    trainer(max_steps=1, max_epochs=1).fit(module, datamodule=OneBatch(batch))
-    assert module.skipped_steps == 1 and module.global_step == 0
+    fit = trainer(max_steps=1, max_epochs=1)
+    fit.fit(module, datamodule=OneBatch(batch))
+    assert module.skipped_steps == 1 and module.global_step == 1
+    assert not fit.optimizers[0].state  # AdamW saw no gradient: no moments, no step count
     for name, value in module.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     module.objective.poisoned = False
     trainer(max_steps=1, max_epochs=1).fit(module, datamodule=OneBatch(batch))
     assert module.global_step == 1 and module.skipped_steps == 1
+    assert any(not torch.equal(value, before[name]) for name, value in module.model.state_dict().items())
+
+
+def test_bf16_true_warns_that_small_updates_are_lost():
+    with pytest.warns(UserWarning, match="bf16-true keeps the weights in bf16"):
+        trainer(precision="bf16-true").fit(DeftModule(model_config=TINY), datamodule=OneBatch(uneven_batch()))
 
 
 def test_loads_litgpt_checkpoint_directory(tmp_path):

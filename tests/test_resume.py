@@ -35,9 +35,13 @@ def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
-def logged_steps(run_dir: Path) -> list[int]:
+def read_rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv") as handle:
-        return [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+        return [row for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [int(row["step"]) for row in read_rows(run_dir)]
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -126,3 +130,16 @@ def test_resume_without_checkpoint_is_an_error_unless_auto(tmp_path):
         command(tmp_path / "run", "--trainer.max_steps=4"), cwd=ROOT, capture_output=True, text=True, env=environment()
     )
     assert again.returncode != 0 and "already holds checkpoints" in again.stderr
+
+
+def test_resume_after_a_skipped_step_keeps_every_row(tmp_path):
+    """A non-finite step (skipped, no update) before the checkpoint: the resumed run has every row, no gap."""
+    skip = "--trainer.callbacks+=fault_injection.NonFiniteAt"
+    reference = tmp_path / "reference"
+    run(reference, skip)
+    rows = read_rows(reference)
+    assert [float(row["train/skipped_steps"]) for row in rows] == [float(step >= 2) for step in range(STEPS)]
+    run_dir = tmp_path / "run"
+    start_and_interrupt(run_dir, reached(EVERY + 2), signal.SIGTERM, skip)
+    run(run_dir, "--ckpt_path=last", skip)
+    assert_same_run(run_dir, reference)
