@@ -197,6 +197,50 @@ def test_length_grouping_cuts_padding_and_covers_every_index():
     assert padding_fraction(lengths, order, 8) < padding_fraction(lengths, shuffled, 8) / 3
 
 
+def rank_batches(sampler: LengthGroupedSampler, epoch: int) -> list[list[int]]:
+    order = sampler.order(epoch)
+    return [order[i : i + sampler.batch_size] for i in range(0, len(order), sampler.batch_size)]
+
+
+@pytest.mark.parametrize("count", [1000, 1003, 37])
+def test_length_grouping_across_ranks_is_the_one_process_order(count):
+    """The union of 2 ranks' batches at step k is one process's batch k (global batch 2 × 8); ranks take equally
+    many steps; the partial last batch stays last (padding 1.4 % elsewhere, not ~20 %)."""
+    torch.manual_seed(0)
+    lengths = torch.randint(5, 500, (count,)).tolist()
+    single = LengthGroupedSampler(lengths, batch_size=16, seed=3)
+    ranks = [LengthGroupedSampler(lengths, batch_size=8, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for epoch in range(2):
+        expected = rank_batches(single, epoch)
+        per_rank = [rank_batches(sampler, epoch) for sampler in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(expected)
+        assert [len(ranks[r].order(epoch)) for r in range(2)] == [len(ranks[0]), len(ranks[1])]
+        for step, batch in enumerate(expected):
+            union = per_rank[0][step] + per_rank[1][step]
+            assert set(union) == set(batch) and len(union) >= len(batch)  # repeats only in a partial batch
+            assert len(union) == len(batch) or step == len(expected) - 1
+        assert sorted(single.order(epoch)) == list(range(count))
+    assert LengthGroupedSampler(lengths, 8, 3, 2, 1).order(0) == ranks[1].order(0)  # deterministic per seed
+    assert LengthGroupedSampler(lengths, 8, 4, 2, 1).order(0) != ranks[1].order(0)
+    if count == 1003:  # 1003 = 62 × 16 + 11: a partial batch in the middle would shift every later boundary
+        shuffled = torch.randperm(count, generator=torch.Generator().manual_seed(3)).tolist()
+        assert padding_fraction(lengths, single.order(0), 16) < padding_fraction(lengths, shuffled, 16) / 3
+
+
+def test_length_grouped_sampler_resumes_mid_epoch_on_every_rank():
+    lengths = torch.randint(5, 500, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    for rank in range(2):
+        sampler = LengthGroupedSampler(lengths, batch_size=4, seed=5, num_replicas=2, rank=rank)
+        iterator = iter(sampler)
+        head = [next(iterator) for _ in range(13)]
+        state = sampler.state_dict()
+        tail = list(iterator)
+        resumed = LengthGroupedSampler(lengths, batch_size=4, seed=5, num_replicas=2, rank=rank)
+        resumed.load_state_dict(state)
+        assert head + list(resumed) == sampler.order(0)
+        assert head + tail == sampler.order(0)
+
+
 def test_hub_source_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -220,3 +264,25 @@ def test_tokenizer_builder_round_trips(tmp_path):
     tokenizer = Tokenizer(tmp_path)
     ids = tokenizer.encode("hello world", eos=True)
     assert ids[-1] == tokenizer.eos_id and tokenizer.decode(ids[:-1]) == "hello world"
+
+
+def test_a_second_writer_finishing_first_does_not_break_the_first(tmp_path, monkeypatch):
+    """Two preparations of one cache entry overlap (ranks of a first multi-GPU fit): B starts after A and publishes
+    while A is still writing. Each writes its own staging folder; A then reads B's entry (same tokens)."""
+    import datasets
+
+    source = FileSource(ROOT / "data/tiny/train.jsonl")
+    first, second = module(tmp_path, source), module(tmp_path, source)
+    save_to_disk = datasets.Dataset.save_to_disk
+    overlapped = []
+
+    def slow_save(self, path, *args, **kwargs):
+        save_to_disk(self, path, *args, **kwargs)
+        if not overlapped:
+            overlapped.append(path)
+            second.setup("fit")  # B prepares and publishes the same entry before A finishes
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", slow_save)
+    first.setup("fit")
+    assert overlapped and first.datasets["train"]["input_ids"] == second.datasets["train"]["input_ids"]
+    assert [p.name for p in (tmp_path / "cache").iterdir() if ".partial" in p.name] == []

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
@@ -78,33 +80,52 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[st
     }
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled indices in which each run of ``batch_size`` has similar lengths (less padding).
+class LengthGroupedSampler(DistributedSampler):
+    """Shuffled indices in which each batch has sequences of similar length (less padding), across ranks.
 
-    Per epoch: a seeded permutation, cut into mega-batches of ``batch_size × group`` sorted by length, cut into
-    batches, and the batches shuffled. Its state (epoch, indices yielded) lets a resumed loader continue the
-    same order where it stopped (``StatefulDataLoader`` saves and restores it).
+    Per epoch: a seeded permutation, cut into mega-batches of ``global batch × group`` (global batch =
+    ``batch_size × num_replicas``) sorted by length, cut into global batches; the full ones are shuffled and a
+    partial last one stays last (in the middle it would shift every later batch boundary). Rank r takes the r-th
+    contiguous slice of each global batch, so the union of the ranks' batches at step k is the batch one process
+    with the global batch size sees at step k, and each rank pads only to its own slice's longest row. A partial
+    last batch is padded to a multiple of the ranks by repeating its own indices, so every rank takes as many
+    steps. The state (epoch, indices yielded) lets a resumed loader continue where it stopped
+    (``StatefulDataLoader`` saves and restores it). A ``DistributedSampler``, so Lightning does not wrap it.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 64) -> None:
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
-        self.epoch = 0
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0, group: int = 64
+    ) -> None:
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths, self.batch_size, self.group = lengths, batch_size, group
         self._yielded = 0
         self._resume_from = 0
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        full, rest = divmod(len(self.lengths), self.batch_size * self.num_replicas)
+        return full * self.batch_size + -(-rest // self.num_replicas)
 
-    def order(self, epoch: int) -> list[int]:
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of one process with the global batch size, in order."""
+        size = self.batch_size * self.num_replicas
         generator = torch.Generator().manual_seed(self.seed + epoch)
         permutation = torch.randperm(len(self.lengths), generator=generator).tolist()
-        mega = self.batch_size * self.group
         batches = []
-        for start in range(0, len(permutation), mega):
-            chunk = sorted(permutation[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        shuffled = torch.randperm(len(batches), generator=generator).tolist()
-        return [index for b in shuffled for index in batches[b]]
+        for start in range(0, len(permutation), size * self.group):
+            chunk = sorted(permutation[start : start + size * self.group], key=lambda i: self.lengths[i], reverse=True)
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        full = [batch for batch in batches if len(batch) == size]
+        partial = [batch for batch in batches if len(batch) < size]
+        return [full[b] for b in torch.randperm(len(full), generator=generator).tolist()] + partial
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for one epoch."""
+        indices = []
+        for batch in self.global_batches(epoch):
+            share = -(-len(batch) // self.num_replicas)
+            batch = (batch * self.num_replicas)[: share * self.num_replicas]  # repeats only in a partial batch
+            indices += batch[self.rank * share : (self.rank + 1) * share]
+        return indices
 
     def __iter__(self) -> Iterator[int]:
         start, self._resume_from = self._resume_from, 0
@@ -200,8 +221,18 @@ class SFTDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ preparation
 
+    def prepare_data(self) -> None:
+        """Tokenize and cache the splits a run needs, once per node: Lightning calls this on each node's local
+        rank 0 and holds the other ranks at a barrier, so they only read the finished cache in :meth:`setup`."""
+        for split in self._splits(self.trainer.state.fn.value):
+            if self.sources[split] is not None:
+                self._prepare(split)
+
+    def _splits(self, stage: str) -> tuple[str, ...]:
+        return {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+
     def setup(self, stage: str) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        splits = self._splits(stage)
         for split in splits:
             if self.sources[split] is None and split != "val":
                 raise ValueError(f"`{stage}` needs data.{split}")
@@ -260,15 +291,20 @@ class SFTDataModule(L.LightningDataModule):
                 f"{report.bad_rows_skipped} bad rows skipped)"
             )
         dataset = datasets.Dataset.from_dict(columns)
-        staging = path.with_name(path.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
+        # a staging folder of this process's own, renamed into place when complete: processes that prepare the
+        # same entry at once (ranks without a shared prepare_data, two runs) never touch each other's files
+        staging = path.with_name(f"{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         datasets.disable_progress_bars()  # the row progress bar above already covered this split
         dataset.save_to_disk(str(staging / "tokens"))
         datasets.enable_progress_bars()
         report.seconds = time.perf_counter() - started
         (staging / "report.json").write_text(json.dumps(asdict(report)))  # written last: marks a complete entry
-        shutil.rmtree(path, ignore_errors=True)
-        staging.rename(path)
+        if path.is_dir() and not (path / "report.json").is_file():  # an entry of an interrupted older layout
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            staging.rename(path)
+        except OSError:  # another process published the same entry first: use it
+            shutil.rmtree(staging, ignore_errors=True)
         return datasets.load_from_disk(str(path / "tokens")), report
 
     def examples(self, split: str, count: int) -> list[dict[str, str]]:
@@ -322,9 +358,8 @@ class SFTDataModule(L.LightningDataModule):
         dataset = self.datasets["train"]
         replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if self.length_grouping:
-            if replicas > 1:
-                raise ValueError("data.length_grouping is single-process only for now; set it to false")
-            return self._loader(dataset, sampler=LengthGroupedSampler(dataset["length"], self.batch_size, self.seed))
+            sampler = LengthGroupedSampler(dataset["length"], self.batch_size, self.seed, replicas, rank)
+            return self._loader(dataset, sampler=sampler)
         # one permutation per epoch, split across ranks: the union of the ranks' batches at step k is the batch
         # a single process with the same global batch would see at step k, whatever the number of ranks
         sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
