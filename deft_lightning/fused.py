@@ -25,6 +25,7 @@ from torch import Tensor
 from deft_lightning.objectives import Objective
 from deft_lightning.statistics import (
     DEFAULT_CHUNK_ELEMENTS,
+    NO_STATS,
     STAT_NAMES,
     Needs,
     TokenStats,
@@ -55,6 +56,31 @@ def _addmm_(accumulator: Tensor, a: Tensor, b: Tensor) -> None:
         torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
 
 
+class _Projection:
+    """``h·Wᵀ`` for chunks of rows in the precision the module docstring states."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.wide = torch.promote_types(dtype, torch.float32)  # logits, statistics, losses, accumulators
+        # CUDA multiplies compute-dtype operands into fp32; elsewhere (no such GEMM) operands rounded to the
+        # compute dtype are multiplied in fp32: the same numbers up to summation order
+        self.operand = dtype if hidden.is_cuda else self.wide
+        self.hidden = hidden
+        self.weight = self.cast(weight)  # one cast per call, like autocast's cached weight cast
+
+    def cast(self, x: Tensor) -> Tensor:
+        return x.to(self.dtype).to(self.operand)
+
+    def chunks(self, rows: Tensor, targets: Tensor, needs: Needs, chunk: int):
+        """Per chunk of rows: their index, targets, operand rows, log p, softmax (in place on the logits), stats."""
+        for start in range(0, rows.numel(), chunk):
+            index, y = rows[start : start + chunk], targets[start : start + chunk]
+            h = self.cast(self.hidden.index_select(0, index))
+            logp, _, probs, stats = softmax_chunk(_matmul(h, self.weight.T, self.wide), y, needs)
+            yield index, y, h, logp, probs, stats
+            del h, probs  # free this chunk before the next one is allocated
+
+
 class _FusedObjectiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -69,38 +95,30 @@ class _FusedObjectiveLoss(torch.autograd.Function):
         chunk: int,
         dtype: torch.dtype,
     ):
-        wide = torch.promote_types(dtype, torch.float32)  # logits, statistics, losses, accumulators
-        n = rows.numel()
+        projection = _Projection(hidden, weight, dtype)
+        wide = projection.wide
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device)
-        # CUDA multiplies compute-dtype operands into fp32; elsewhere (no such GEMM) operands rounded to the
-        # compute dtype are multiplied in fp32: the same numbers up to summation order
-        operand = dtype if hidden.is_cuda else wide
-        weight_c = weight.to(dtype).to(operand)  # one cast per call, like autocast's cached weight cast
         losses, gates, logps, stats = [], [], [], {name: [] for name in needs.requested()}
-        for start in range(0, n, chunk):
-            index, y = rows[start : start + chunk], targets[start : start + chunk]
-            h = hidden.index_select(0, index).to(dtype).to(operand)
-            logp, _, probs, chunk_stats = softmax_chunk(_matmul(h, weight_c.T, wide), y, needs)
-            token_stats = TokenStats(logp, probs.shape[-1], **chunk_stats)
-            token_loss, gate = objective.loss_and_weight(logp, token_stats)
+        for index, y, h, logp, probs, chunk_stats in projection.chunks(rows, targets, needs, chunk):
+            token_loss, gate = objective.loss_and_weight(logp, TokenStats(logp, probs.shape[-1], **chunk_stats))
             losses.append(token_loss)
             gates.append(gate)
+            logps.append(logp)
+            for name, value in chunk_stats.items():
+                stats[name].append(value)
             gate = gate * scale
             # ∂(scale·Σ loss)/∂z = gate · (softmax − onehot), in place on the softmax chunk
             grad_z = probs.mul_(gate[:, None])
             grad_z.scatter_add_(1, y[:, None], -gate[:, None])
-            grad_z = grad_z.to(dtype).to(operand)
-            grad_hidden.index_copy_(0, index, _matmul(grad_z, weight_c, wide).to(hidden.dtype))
+            grad_z = projection.cast(grad_z)
+            grad_hidden.index_copy_(0, index, _matmul(grad_z, projection.weight, wide).to(hidden.dtype))
             _addmm_(grad_weight, grad_z.T, h)
-            del probs, grad_z  # free this chunk before the next one is allocated
-            logps.append(logp)
-            for name, value in chunk_stats.items():
-                stats[name].append(value)
+            del h, probs, grad_z  # free this chunk before the next one is allocated
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         empty = hidden.new_empty(0, dtype=wide)
         token_loss, gate, logp = (torch.cat(x) if x else empty for x in (losses, gates, logps))
-        outputs = [torch.cat(stats[name]) if name in stats and n else empty for name in STAT_NAMES]
+        outputs = [torch.cat(stats[name]) if stats.get(name) else empty for name in STAT_NAMES]
         ctx.mark_non_differentiable(token_loss, gate, logp, *outputs)
         return (token_loss.sum() * scale, token_loss, gate, logp, *outputs)
 
@@ -110,6 +128,39 @@ class _FusedObjectiveLoss(torch.autograd.Function):
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # else: no copy of a [V, d] gradient
             grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def _kept_rows(targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    targets = targets.long()
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    return rows, targets.index_select(0, rows)
+
+
+def fused_log_probs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    needs: Needs = NO_STATS,
+    ignore_index: int = -100,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, TokenStats]:
+    """Forward only (evaluation): log p and the statistics of the kept rows of ``h·Wᵀ``, chunk by chunk, no
+    gradients and no ``[tokens × vocab]`` logits — for any objective, batch-dependent ones included."""
+    dtype = compute_dtype(hidden, weight)
+    rows, kept = _kept_rows(targets, ignore_index)
+    chunk = chunk_rows(weight.shape[0], chunk_elements)
+    logps, stats = [], {name: [] for name in needs.requested()}
+    with torch.no_grad(), full_precision(hidden.device):
+        projection = _Projection(hidden, weight, dtype)
+        for _index, _y, h, logp, probs, chunk_stats in projection.chunks(rows, kept, needs, chunk):
+            logps.append(logp)
+            for name, value in chunk_stats.items():
+                stats[name].append(value)
+            del h, probs  # free this chunk before the next one is allocated
+    empty = hidden.new_empty(0, dtype=projection.wide)
+    logp = torch.cat(logps) if logps else empty
+    stats = {name: torch.cat(values) if values else empty for name, values in stats.items()}
+    return logp, TokenStats(logp, weight.shape[0], **stats)
 
 
 def fused_objective_loss(
@@ -131,13 +182,12 @@ def fused_objective_loss(
     if objective.batch_dependent:
         raise ValueError(f"{objective!r} depends on batch-level statistics; use the plain path (fused: false)")
     needs = objective.needs | (needs or Needs())
-    targets = targets.long()
-    rows = (targets != ignore_index).nonzero().squeeze(1)
+    rows, kept = _kept_rows(targets, ignore_index)
     chunk = chunk_rows(weight.shape[0], chunk_elements)
     dtype = compute_dtype(hidden, weight)
     with full_precision(hidden.device):
         loss, token_loss, gate, logp, *stats = _FusedObjectiveLoss.apply(
-            hidden, weight, rows, targets.index_select(0, rows), objective, needs, scale, chunk, dtype
+            hidden, weight, rows, kept, objective, needs, scale, chunk, dtype
         )
     computed = dict(zip(STAT_NAMES, stats, strict=True))
     stats = TokenStats(logp, weight.shape[0], **{n: computed[n] for n in needs.requested()})

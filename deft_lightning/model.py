@@ -10,25 +10,33 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from litgpt import GPT, Config
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
-from deft_lightning.fused import fused_objective_loss
+from deft_lightning.fused import fused_log_probs, fused_objective_loss
 from deft_lightning.generation import SamplingConfig, generate
+from deft_lightning.loss_head import head_computes
 from deft_lightning.objectives import NLL, Objective, objective_from_spec
 from deft_lightning.prepare_model import CheckpointError, load_state_dict, validate_checkpoint_dir
 from deft_lightning.statistics import DEFAULT_CHUNK_ELEMENTS, Needs, TokenStats, target_log_probs
-from deft_lightning.strategies import shard_blocks
+from deft_lightning.strategies import (
+    AtomicShardedSaves,
+    BlockFSDPStrategy,
+    checkpoint_blocks,
+    clip_grad_norm,
+    shard_blocks,
+    sharded,
+)
 
 IGNORE_INDEX = -100
 #: statistics for monitoring only, computed on logging steps (collision Σp² is DEFT's α, logged for every objective)
@@ -87,12 +95,15 @@ class DeftModule(L.LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``learning_rate``.
         gradient_clip: max global gradient norm (``0`` disables clipping; non-finite norms always skip the step).
         loss_chunk_elements: fp32 elements per chunk of logits when computing the loss and its statistics.
-        activation_checkpointing: recompute each transformer block in the backward pass (FSDP2 path; with
-            Lightning's ``FSDPStrategy`` use its ``activation_checkpointing_policy`` instead).
+        activation_checkpointing: recompute each transformer block in the backward pass instead of keeping its
+            activations, under every strategy (FSDP1: with :class:`~deft_lightning.strategies.BlockFSDPStrategy`).
         fused: train through the fused projection + objective pass (:mod:`deft_lightning.fused`), which never
-            holds the ``[tokens × vocab]`` logits. ``false`` materializes them (the plain path, for debugging).
-            Batch-dependent objectives, soft-capped logits, a biased head and sharded strategies use the plain
-            path either way.
+            holds the ``[tokens × vocab]`` logits, under every strategy. ``false`` materializes them (the plain
+            path, for debugging). Batch-dependent objectives, soft-capped logits and a biased head use the plain
+            path either way; validation never materializes them.
+        tie_embeddings: share one matrix between the input embeddings and the output head, as the Hugging Face
+            originals of SmolLM2, Qwen2.5-0.5B/1.5B and Llama-3.2 do (LitGPT unties them on import); the
+            checkpoint's two matrices must be equal.
     """
 
     def __init__(
@@ -111,6 +122,7 @@ class DeftModule(L.LightningModule):
         loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         activation_checkpointing: bool = False,
         fused: bool = True,
+        tie_embeddings: bool = False,
     ) -> None:
         super().__init__()
         self.objective = objective_from_spec(objective) if objective is not None else NLL()
@@ -144,8 +156,22 @@ class DeftModule(L.LightningModule):
                     f"'{self.hparams.checkpoint_dir}/lit_model.pth' does not fit its model_config.yaml: "
                     f"{str(err).splitlines()[0]}"
                 ) from None
+        if self.hparams.tie_embeddings:
+            self._tie_embeddings()
+        strategy = self.trainer.strategy if self._trainer else None
+        if self.hparams.activation_checkpointing and not isinstance(strategy, FSDPStrategy):
+            checkpoint_blocks(self.model)  # FSDP1 wraps first, then checkpoints (BlockFSDPStrategy)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
-            shard_blocks(self.model, self.device_mesh["data_parallel"], self.hparams.activation_checkpointing)
+            shard_blocks(self.model, self.device_mesh["data_parallel"])
+
+    def _tie_embeddings(self) -> None:
+        embeddings, head = self.model.transformer.wte.weight, self.model.lm_head.weight
+        if embeddings.shape != head.shape or (self.hparams.checkpoint_dir and not torch.equal(embeddings, head)):
+            raise CheckpointError(
+                f"model.tie_embeddings: the checkpoint's output head differs from its input embeddings "
+                f"({tuple(head.shape)} vs {tuple(embeddings.shape)}, or different values): it was trained untied"
+            )
+        self.model.lm_head.weight = embeddings
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
@@ -167,6 +193,21 @@ class DeftModule(L.LightningModule):
                 f"the tokenizer has {vocab_size} tokens but the model's vocabulary has "
                 f"{self.config.padded_vocab_size}; set model.model_config.vocab_size / padded_vocab_size"
             )
+        strategy = self.trainer.strategy
+        if (
+            self.hparams.activation_checkpointing
+            and isinstance(strategy, FSDPStrategy)
+            and not isinstance(strategy, BlockFSDPStrategy)
+        ):
+            raise ValueError(
+                "model.activation_checkpointing under FSDPStrategy needs deft_lightning.strategies.BlockFSDPStrategy "
+                "(it checkpoints every Block after wrapping)"
+            )
+        if stage == "fit" and sharded(strategy) and not isinstance(strategy, AtomicShardedSaves):
+            rank_zero_warn(
+                f"{type(strategy).__name__} writes sharded checkpoints in place: a process killed mid-save can leave a "
+                "broken last.ckpt; deft_lightning.strategies.FSDP2Strategy and BlockFSDPStrategy save atomically"
+            )
         max_seq_length = getattr(datamodule, "max_seq_length", None)
         if max_seq_length is not None and max_seq_length > self.config.block_size:
             raise ValueError(
@@ -180,37 +221,26 @@ class DeftModule(L.LightningModule):
         """Completions of token-id prompts with the KV cache (see :func:`deft_lightning.generation.generate`)."""
         return generate(self.model, prompts, eos_id, sampling)
 
-    def uses_fused_path(self) -> bool:
-        sharded = isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy) if self._trainer else False
-        return (
-            self.hparams.fused
-            and not self.objective.batch_dependent
-            and self.config.final_logit_softcapping is None
-            and not self.config.lm_head_bias
-            and not sharded
-        )
+    def _head_is_fusable(self) -> bool:
+        return self.config.final_logit_softcapping is None and not self.config.lm_head_bias
 
-    def _hidden_states(self, input_ids: Tensor) -> Tensor:
-        """The final-norm output: the model's forward with its output head bypassed."""
-        head = self.model.lm_head
-        self.model.lm_head = torch.nn.Identity()
-        try:
+    def uses_fused_path(self) -> bool:
+        return self.hparams.fused and not self.objective.batch_dependent and self._head_is_fusable()
+
+    def _in_forward(self, input_ids: Tensor, loss: Any) -> Any:
+        """``loss(hidden [N, d], head weight)`` computed inside the model's forward (see :mod:`loss_head`)."""
+        with head_computes(self.model, lambda hidden, weight: loss(hidden.reshape(-1, hidden.shape[-1]), weight)):
             return self.model(input_ids)
-        finally:
-            self.model.lm_head = head
 
     def _fused_step(self, input_ids: Tensor, labels: Tensor, needs: Needs, scale: float):
         """Scaled loss sum (for backward), per-token losses, log p and statistics, without materialized logits."""
-        hidden = self._hidden_states(input_ids)
-        return fused_objective_loss(
-            hidden.reshape(-1, hidden.shape[-1]),
-            self.model.lm_head.weight,
-            shift_labels(labels).reshape(-1),
-            self.objective,
-            scale,
-            needs,
-            IGNORE_INDEX,
-            self.hparams.loss_chunk_elements,
+        targets = shift_labels(labels).reshape(-1)
+        chunk = self.hparams.loss_chunk_elements
+        return self._in_forward(
+            input_ids,
+            lambda hidden, weight: fused_objective_loss(
+                hidden, weight, targets, self.objective, scale, needs, IGNORE_INDEX, chunk
+            ),
         )
 
     def _token_losses(self, input_ids: Tensor, labels: Tensor, needs: Needs) -> tuple[Tensor, Tensor, TokenStats]:
@@ -245,14 +275,15 @@ class DeftModule(L.LightningModule):
         fused = self.uses_fused_path()
         sums: dict[str, Tensor] = {}
         samples: list[dict[str, Tensor]] = []
-        for input_ids, labels in zip(input_chunks, label_chunks, strict=True):
-            if fused:
-                loss, token_loss, gate, logp, stats = self._fused_step(input_ids, labels, needs, scale)
-                self.manual_backward(loss)
-            else:
-                token_loss, logp, stats = self._token_losses(input_ids, labels, needs)
-                self.manual_backward(token_loss.sum() * scale)
-                gate = self.objective.weight(logp, stats)
+        for index, (input_ids, labels) in enumerate(zip(input_chunks, label_chunks, strict=True)):
+            with self._gradient_sync(last=index == len(input_chunks) - 1):
+                if fused:
+                    loss, token_loss, gate, logp, stats = self._fused_step(input_ids, labels, needs, scale)
+                    self.manual_backward(loss)
+                else:
+                    token_loss, logp, stats = self._token_losses(input_ids, labels, needs)
+                    self.manual_backward(token_loss.sum() * scale)
+                    gate = self.objective.weight(logp, stats)
             per_token = self._train_metric_values(token_loss, gate, logp, stats)
             for name, values in per_token.items():
                 sums[name] = sums.get(name, 0) + values.sum()
@@ -261,11 +292,9 @@ class DeftModule(L.LightningModule):
         if sampling:
             self.token_sample = self._sample_tokens(samples)
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.parameters(), self.hparams.gradient_clip if self.hparams.gradient_clip > 0 else math.inf
+        grad_norm = clip_grad_norm(
+            self.model, self.hparams.gradient_clip if self.hparams.gradient_clip > 0 else math.inf
         )
-        if isinstance(grad_norm, DTensor):  # FSDP2: the norm is itself sharded
-            grad_norm = grad_norm.full_tensor()
         learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
         if not torch.isfinite(grad_norm):
             # no update, but the step counts (as AMP's GradScaler skips): AdamW leaves parameters without a
@@ -308,6 +337,15 @@ class DeftModule(L.LightningModule):
                 values[name] = getattr(stats, stat)
         return values
 
+    def _gradient_sync(self, last: bool) -> Any:
+        """DDP all-reduces gradients once per step, on the last micro-batch; the others accumulate locally.
+
+        FSDP reduce-scatters every micro-batch: deferring it would hold a full unsharded fp32 gradient per rank
+        (4 bytes × parameters), which is what sharding exists to avoid.
+        """
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return nullcontext() if last or block is None or sharded(self.trainer.strategy) else block()
+
     def _is_logging_step(self) -> bool:
         return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
@@ -326,7 +364,16 @@ class DeftModule(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
         needs = self.objective.needs | Needs(correct=True)
-        token_loss, logp, stats = self._token_losses(batch["input_ids"], batch["labels"], needs)
+        if self._head_is_fusable():  # chunked, no [tokens × vocab] logits; any objective (no gradient here)
+            targets = shift_labels(batch["labels"]).reshape(-1)
+            chunk = self.hparams.loss_chunk_elements
+            logp, stats = self._in_forward(
+                batch["input_ids"],
+                lambda hidden, weight: fused_log_probs(hidden, weight, targets, needs, IGNORE_INDEX, chunk),
+            )
+            token_loss = self.objective.token_loss(logp, stats)
+        else:
+            token_loss, logp, stats = self._token_losses(batch["input_ids"], batch["labels"], needs)
         values = {"loss": token_loss, "nll": -logp, "p": stats.prob, "acc": stats.correct}
         for name, value in values.items():
             metric = getattr(self, f"{stage}_{name}")

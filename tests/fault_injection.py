@@ -1,4 +1,4 @@
-"""Faults on purpose: a checkpoint writer that stalls half-way through one save (for kill -9 there), a NaN step."""
+"""Faults on purpose: checkpoint writers that stall in one save (for kill -9 there), a NaN step."""
 
 import io
 import math
@@ -9,6 +9,7 @@ import lightning as L
 
 from deft_lightning.checkpointing import AtomicCheckpointIO
 from deft_lightning.objectives import Objective
+from deft_lightning.strategies import FSDP2Strategy
 
 
 class StallingCheckpointIO(AtomicCheckpointIO):
@@ -58,3 +59,19 @@ class _Poisoned(Objective):
 
     def token_loss(self, logp, stats):
         return self.inner.token_loss(logp, stats) * math.nan
+
+
+class StallingShardedSave(FSDP2Strategy):
+    """FSDP2 whose ``stall_at``-th sharded ``last.ckpt`` is written by every rank but hangs before it is published."""
+
+    def __init__(self, stall_at: int = 2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stall_at, self.last_saves = stall_at, 0
+
+    def publish(self, staging, path) -> None:
+        if path.name == "last.ckpt":
+            self.last_saves += 1
+            if self.last_saves == self.stall_at:
+                (staging.parent / "stalled").touch()
+                time.sleep(600)  # the test kills the process group here
+        super().publish(staging, path)

@@ -250,3 +250,51 @@ def test_two_rank_gradient_is_global_token_mean(tmp_path):
     ddp = torch.load(tmp_path / "ddp.pt")
     for name, grad in capture.grads[0].items():
         torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("objective", [NLL(), DEFT(), CayleyReference()], ids=repr)
+def test_validation_metrics_are_chunked_and_exact(objective):
+    """Validation runs the fused forward (no [tokens × vocab] logits), batch-dependent objectives included, and
+    its token-weighted metrics equal the materialized computation."""
+    batch = uneven_batch()
+
+    class Val(L.LightningDataModule):
+        def val_dataloader(self):
+            return DataLoader([batch], batch_size=None)
+
+    L.seed_everything(0)
+    module = DeftModule(objective=objective, model_config=TINY)
+    metrics = trainer().validate(module, Val(), verbose=False)[0]
+    logits = module.model(batch["input_ids"])
+    targets = shift_labels(batch["labels"])
+    kept = targets != -100
+    logp = torch.log_softmax(logits[kept].double(), -1).gather(1, targets[kept][:, None]).squeeze(1)
+    assert metrics["val/nll"] == pytest.approx(-logp.mean().item(), rel=1e-5)
+    assert metrics["val/loss"] == pytest.approx(objective(logits[kept], targets[kept]).mean().item(), rel=1e-5)
+
+
+def test_activation_checkpointing_wraps_blocks_and_keeps_gradients():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    batch = uneven_batch()
+    grads = []
+    for checkpointing in (False, True):
+        L.seed_everything(0)
+        module = DeftModule(objective=DEFT(), model_config=TINY, activation_checkpointing=checkpointing)
+        capture = GradientCapture()
+        trainer(callbacks=[capture]).fit(module, datamodule=OneBatch(batch))
+        assert all(isinstance(block, CheckpointWrapper) == checkpointing for block in module.model.transformer.h)
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): g for n, g in capture.grads[0].items()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=0)
+
+
+def test_tie_embeddings_shares_one_matrix_and_refuses_an_untied_checkpoint(tmp_path):
+    module = DeftModule(model_config=TINY, tie_embeddings=True)
+    module.configure_model()
+    assert module.model.lm_head.weight is module.model.transformer.wte.weight
+    config = Config(**TINY)
+    torch.save(GPT(config).state_dict(), tmp_path / "lit_model.pth")  # independent head and embeddings
+    save_config(config, tmp_path)
+    with pytest.raises(CheckpointError, match="trained untied"):
+        DeftModule(checkpoint_dir=tmp_path, tie_embeddings=True).configure_model()
