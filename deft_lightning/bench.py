@@ -4,8 +4,11 @@ python -m deft_lightning bench loss [--size smollm2|qwen1.5b] [--repeats 5] [--c
     forward+backward of the loss step (output projection included) per implementation, each case in a fresh
     process: median time over --repeats runs after one warm-up, and peak memory above the inputs
     (CUDA: max allocated; CPU: peak RSS), as ratios to materialized-logits NLL (F.cross_entropy).
-python -m deft_lightning bench fit [--config configs/tiny.yaml] [--objectives NLL DEFT] [--steps 200]
-    per-step time of `fit` (forward, backward, optimizer) per objective, interleaved rounds, ratio to the first.
+python -m deft_lightning bench fit [--config configs/tiny.yaml] [--objectives NLL DEFT] [--paths fused plain]
+        [--devices 2 --strategy fsdp2] [--set model.model_config.padded_vocab_size=131072 ...]
+        [--variants model.activation_checkpointing=false model.activation_checkpointing=true]
+    per-rank step time (forward, backward, optimizer) and peak memory of `fit` per objective and loss path, each in
+    fresh processes, interleaved rounds, ratios to the first case.
 python -m deft_lightning bench litgpt [--checkpoint-dir ...] [--steps 6]
     training tokens/s of `fit` (NLL and DEFT) vs `litgpt finetune_full` on the same model, data and batch.
 python -m deft_lightning bench generate [--checkpoint-dir ...] [--items 32] [--batch-sizes 1 16] [--samples 1]
@@ -22,8 +25,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-SIZES = {"smollm2": (4096, 576, 49_152), "qwen1.5b": (8192, 1536, 151_936), "tiny": (256, 32, 1000)}
+SIZES = {
+    "smollm2": (4096, 576, 49_152),
+    "qwen1.5b": (8192, 1536, 151_936),
+    "tiny": (256, 32, 1000),
+    "tiny-131k": (4096, 64, 131_072),  # a per-rank micro-batch of 4 × 1024 tokens, 131,072-row head, tiny model
+}
 LOSS_CASES = [
     "materialized NLL",
     "litgpt chunked CE",
@@ -164,51 +173,86 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def bench_fit(config: str, objectives: list[str], steps: int, warmup: int, rounds: int) -> None:
-    import lightning as L
+FIT_STRATEGIES = {
+    "ddp": ["--trainer.strategy=ddp"],
+    "fsdp2": ['--trainer.strategy={"class_path": "deft_lightning.strategies.FSDP2Strategy"}'],
+    "fsdp1": ['--trainer.strategy={"class_path": "deft_lightning.strategies.BlockFSDPStrategy"}'],
+}
 
-    from deft_lightning.cli import main
 
-    class StepTimer(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
+def bench_fit(
+    config: str,
+    objectives: list[str],
+    paths: list[str],
+    steps: int,
+    warmup: int,
+    rounds: int,
+    devices: int,
+    strategy: str | None,
+    overrides: list[str],
+    variants: list[str],
+) -> None:
+    """Each (objective, loss path, variant) fit in fresh processes, interleaved rounds; per-rank step time and
+    peak RSS. A variant is a comma-separated list of ``option=value`` added to that case's command."""
+    import tempfile
 
-        def on_train_batch_start(self, *args: object) -> None:
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, *args: object) -> None:
-            self.times.append(time.perf_counter() - self._start)
-
-    def step_times(objective: str) -> list[float]:
-        timer = StepTimer()
-        cli = main(
-            [
+    out_dir = tempfile.mkdtemp(prefix="bench-fit-")
+    cases = [(objective, path, variant) for objective in objectives for path in paths for variant in variants]
+    samples: dict[tuple[str, str, str], list[dict]] = {case: [] for case in cases}
+    for round_index in range(rounds):  # interleaved, so machine noise hits every case alike
+        for case_index, (objective, path, variant) in enumerate(cases):
+            out = f"{out_dir}/{case_index}-{round_index}"
+            probe = {"class_path": "deft_lightning.callbacks.StepStats", "init_args": {"out": out, "warmup": warmup}}
+            command = [
+                sys.executable,
+                "-m",
+                "deft_lightning",
+                "fit",
                 "--config",
                 config,
                 f"--model.objective={objective}",
+                f"--model.fused={path == 'fused'}",
                 f"--trainer.max_steps={steps}",
+                f"--trainer.devices={devices}",
+                *(FIT_STRATEGIES[strategy] if strategy else []),
                 "--trainer.enable_progress_bar=false",
                 "--trainer.limit_val_batches=0",
                 "--trainer.logger=false",
                 "--trainer.enable_checkpointing=false",
                 "--trainer.enable_model_summary=false",
                 "--summary.enabled=false",
-            ],
-            run=False,
-        )
-        cli.trainer.callbacks.append(timer)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        return timer.times[warmup:]
+                f"--trainer.default_root_dir={out_dir}/run",
+                f"--trainer.callbacks+={json.dumps(probe)}",
+                *overrides,
+                *(f"--{option}" for option in variant.split(",") if option),
+            ]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"fit failed ({objective}, {path}, {variant}):\n{result.stderr[-3000:]}")
+            samples[objective, path, variant].append(
+                [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(devices)]
+            )
+            print(f"  {objective} {path} {variant} round {round_index + 1}/{rounds}", file=sys.stderr, flush=True)
+    setup = f"{devices} process{'es' if devices > 1 else ''}" + (f", {strategy}" if strategy else "")
+    print(
+        f"\nfit steps (forward, backward, optimizer), {config} {' '.join(overrides)}, {setup}, "
+        f"median of {rounds} rounds × {steps - warmup} steps after {warmup}"
+    )
+    width = max(len(variant) for variant in variants) + 2
+    print(f"{'objective':<12}{'path':<7}{'variant':<{width}}{'rank':>5}{'step (ms)':>11}{'× first':>9}", end="")
+    print(f"{'peak (MiB)':>12}{'× first':>9}")
 
-    samples: dict[str, list[float]] = {name: [] for name in objectives}
-    for _ in range(rounds):
-        for name in objectives:
-            samples[name] += step_times(name)
-    base = statistics.median(samples[objectives[0]])
-    print(f"\nfit step (forward, backward, optimizer), {config}, {rounds} interleaved rounds × {steps - warmup} steps")
-    print(f"{'objective':<18}{'median step (ms)':>18}{'ratio':>8}")
-    for name, times in samples.items():
-        print(f"{name:<18}{statistics.median(times) * 1e3:>18.2f}{statistics.median(times) / base:>8.3f}")
+    def median(case: tuple[str, str, str], rank: int, key: str) -> float:
+        return statistics.median(run[rank][key] for run in samples[case])
+
+    for case in cases:
+        for rank in range(devices):
+            step, peak = median(case, rank, "step_s"), median(case, rank, "peak_bytes")
+            step0, peak0 = median(cases[0], rank, "step_s"), median(cases[0], rank, "peak_bytes")
+            print(
+                f"{case[0]:<12}{case[1]:<7}{case[2] or '-':<{width}}{rank:>5}{step * 1e3:>11.1f}{step / step0:>9.3f}"
+                f"{peak / 2**20:>12.0f}{peak / peak0:>9.3f}"
+            )
 
 
 def bench_litgpt(checkpoint_dir: str, data: str, steps: int, batch: int, micro: int, length: int) -> None:
@@ -368,9 +412,16 @@ def main(argv: list[str] | None = None) -> None:
     fit = modes.add_parser("fit")
     fit.add_argument("--config", default="configs/tiny.yaml")
     fit.add_argument("--objectives", nargs="+", default=["NLL", "DEFT", "Cayley", "EAFT"])
+    fit.add_argument("--paths", nargs="+", choices=["fused", "plain"], default=["fused"], help="loss paths to compare")
     fit.add_argument("--steps", type=int, default=200)
     fit.add_argument("--warmup", type=int, default=20)
     fit.add_argument("--rounds", type=int, default=3)
+    fit.add_argument("--devices", type=int, default=1, help="processes (CPU: gloo)")
+    fit.add_argument("--strategy", choices=list(FIT_STRATEGIES), help="with --devices > 1")
+    fit.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="fit options for every case")
+    fit.add_argument(
+        "--variants", nargs="+", default=[""], metavar="OPTION=VALUE,...", help="cases that differ in these options"
+    )
     versus = modes.add_parser("litgpt")
     versus.add_argument("--checkpoint-dir", default="checkpoints/SmolLM2-135M-Instruct")
     versus.add_argument("--data", default="data/figfont/train.jsonl")
@@ -400,7 +451,18 @@ def main(argv: list[str] | None = None) -> None:
     elif args.mode == "loss":
         bench_loss(args.size, args.repeats, args.cases)
     elif args.mode == "fit":
-        bench_fit(args.config, args.objectives, args.steps, args.warmup, args.rounds)
+        bench_fit(
+            args.config,
+            args.objectives,
+            args.paths,
+            args.steps,
+            args.warmup,
+            args.rounds,
+            args.devices,
+            args.strategy,
+            [f"--{option.lstrip('-')}" for option in args.set],
+            [variant.replace("--", "") for variant in args.variants],
+        )
     else:
         bench_litgpt(
             args.checkpoint_dir, args.data, args.steps, args.batch_size, args.micro_batch_size, args.max_seq_length

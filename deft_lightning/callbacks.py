@@ -126,6 +126,31 @@ class TrainingThroughput(L.Callback):
             print(json.dumps({"tokens": self.tokens, "seconds": time.perf_counter() - self.started}), flush=True)
 
 
+class StepStats(L.Callback):
+    """Each rank writes its median step time after ``warmup`` steps and its peak resident memory (the whole
+    process) to ``<out>.rank<r>.json`` when training ends, for side-by-side fits (``bench fit``)."""
+
+    def __init__(self, out: str, warmup: int = 2) -> None:
+        self.out, self.warmup = out, warmup
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.times.append(time.perf_counter() - self._started)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import resource
+        import statistics
+
+        result = {
+            "step_s": statistics.median(self.times[self.warmup :] or self.times),
+            "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        Path(f"{self.out}.rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
 class BenchmarkValidation(L.Callback):
     """Every ``every_n_steps`` optimizer steps, generates answers for the first ``limit`` items of each
     benchmark with the model being trained and logs their metrics as ``eval/<benchmark>/<metric>``.
