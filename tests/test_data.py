@@ -1,6 +1,7 @@
 """Sources, the SFT DataModule, caching, batching and resumable loader state (tiny tokenizer, offline)."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -107,19 +108,37 @@ def test_all_truncated_is_an_error(tmp_path):
         module(tmp_path, FileSource(path), max_seq_length=50).setup("fit")
 
 
-def test_figfont_items_equal_reasoning_gym():
+def test_figfont_items_equal_reasoning_gym_with_sorted_fonts():
     import reasoning_gym
+
+    from deft_lightning.data.sources import FIGFONT_SYSTEM_PROMPT, sorted_figlet_fonts
 
     reference = reasoning_gym.create_dataset(
         "figlet_font", size=10, seed=42, min_word_len=2, max_word_len=5, space_letters=True
     )
     rows = list(FigFontSource(start=40_000, count=3).rows(RowReport()))
-    for offset, row in enumerate(rows):
-        item = reference[40_000 + offset]
+    with sorted_figlet_fonts():
+        items = [reference[40_000 + offset] for offset in range(3)]
+    for row, item in zip(rows, items, strict=True):
         assert (row["instruction"], row["output"]) == (item["question"], item["answer"])
-        assert row["system"].startswith("You are an expert at decoding Figlet Font ASCII art")
+        assert row["system"] == FIGFONT_SYSTEM_PROMPT  # the reference's wording
+    assert FIGFONT_SYSTEM_PROMPT.endswith("output only that without any explanations or additional text.")
     shipped = [json.loads(line) for line in (ROOT / "data/figfont/test.jsonl").read_text().splitlines()[:2]]
-    assert [r["output"] for r in shipped] == [r["output"] for r in rows[:2]]
+    assert shipped == rows[:2]
+
+
+def test_figfont_items_do_not_depend_on_directory_order(monkeypatch):
+    """reasoning-gym lists fonts in directory order; another filesystem's order must give the same items."""
+    from reasoning_gym.cognition import figlet_fonts
+
+    source = FigFontSource(start=0, count=20)
+    expected, fingerprint = list(source.rows(RowReport())), source.fingerprint()
+    shuffled = list(figlet_fonts.OK_FONTS)
+    random.Random(7).shuffle(shuffled)
+    monkeypatch.setattr(figlet_fonts, "OK_FONTS", shuffled)
+    assert list(source.rows(RowReport())) == expected and source.fingerprint() == fingerprint
+    monkeypatch.setattr(figlet_fonts, "OK_FONTS", shuffled[:-1])  # a different font set changes the fingerprint
+    assert source.fingerprint() != fingerprint
 
 
 def test_math_stand_in_has_boxed_answers():
@@ -286,3 +305,35 @@ def test_a_second_writer_finishing_first_does_not_break_the_first(tmp_path, monk
     first.setup("fit")
     assert overlapped and first.datasets["train"]["input_ids"] == second.datasets["train"]["input_ids"]
     assert [p.name for p in (tmp_path / "cache").iterdir() if ".partial" in p.name] == []
+
+
+def test_cache_key_covers_every_input_of_the_token_ids(tmp_path):
+    """A chat_template.jinja, on_bad_row, LitGPT's name-based BOS rule and the file's content (same size and
+    mtime) each change the key; nothing else does."""
+    import os
+    import shutil
+
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(TOKENIZER, tokenizer)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
+    source = FileSource(rows)
+
+    def key(**kwargs) -> str:
+        return module(tmp_path, source, tokenizer_dir=kwargs.pop("tokenizer_dir", tokenizer), **kwargs)._cache_key(
+            source
+        )
+
+    base = key()
+    assert key() == base
+    assert key(on_bad_row="skip") != base
+    renamed = tmp_path / "SmolLM2-1-Instruct"  # LitGPT adds BOS for this name whatever the config says
+    shutil.copytree(tokenizer, renamed)
+    assert key(tokenizer_dir=renamed) != base
+    (tokenizer / "chat_template.jinja").write_text("{{ messages }}")
+    assert key() != base
+    (tokenizer / "chat_template.jinja").unlink()
+    stat = rows.stat()
+    rows.write_text(json.dumps({"instruction": "say ho", "output": "hi"}) + "\n")  # same size
+    os.utime(rows, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert rows.stat().st_size == stat.st_size and key() != base

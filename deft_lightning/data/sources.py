@@ -14,6 +14,7 @@ import json
 import random
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,10 +22,10 @@ from typing import Any, Literal
 REQUIRED_FIELDS = ("instruction", "output")
 OPTIONAL_FIELDS = ("input", "system")
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-#: the reference's FigFont system prompt (REFERENCE.md §3 gives its opening words; the rest is ours)
+#: the reference's FigFont system prompt, word for word (luludus/DEFT data/data_process_figfont.py)
 FIGFONT_SYSTEM_PROMPT = (
-    "You are an expert at decoding Figlet Font ASCII art. Read the art and answer with the word it spells, "
-    "in uppercase letters, and nothing else."
+    "You are an expert at decoding Figlet Font ASCII art. When given Figlet Font text, identify the word it "
+    "represents and output only that without any explanations or additional text."
 )
 
 
@@ -49,7 +50,10 @@ def validate_row(raw: Any, fields: Mapping[str, str], where: str) -> dict[str, s
         column = fields.get(name, name)
         if column not in raw or raw[column] is None:
             if name in REQUIRED_FIELDS:
-                raise BadRowError(f"{where}: missing field '{column}'")
+                raise BadRowError(
+                    f"{where}: missing field '{column}'; the record's fields are {sorted(raw)} "
+                    f"(map yours with fields:, e.g. fields: {{{name}: <field>}})"
+                )
             continue
         if not isinstance(raw[column], str):
             raise BadRowError(f"{where}: field '{column}' must be a string, got {type(raw[column]).__name__}")
@@ -99,15 +103,24 @@ class FileSource(Source):
         fields: our field name → the file's column name (``instruction``, ``output``, ``input``, ``system``).
         system: system prompt for rows that have none.
         limit: read at most this many rows.
+        coerce: read non-text values of the mapped fields as the Qwen2.5-Math evaluation harness does: a number
+            as its text (AMC23's ``27.0`` → ``27``), a list as its first element (OlympiadBench's
+            ``final_answer``). Off by default: a non-string field is then a bad row.
     """
 
     def __init__(
-        self, path: Path, fields: dict[str, str] | None = None, system: str | None = None, limit: int | None = None
+        self,
+        path: Path,
+        fields: dict[str, str] | None = None,
+        system: str | None = None,
+        limit: int | None = None,
+        coerce: bool = False,
     ) -> None:
         self.path = Path(path)
         self.fields = dict(fields or {})
         self.system = system
         self.limit = limit
+        self.coerce = coerce
         self.name = self.path.name
 
     def _files(self) -> list[Path]:
@@ -128,12 +141,33 @@ class FileSource(Source):
                     return
                 if self.system and isinstance(raw, dict) and not raw.get(self.fields.get("system", "system")):
                     raw = {**raw, self.fields.get("system", "system"): self.system}
+                if self.coerce and isinstance(raw, dict):
+                    columns = [self.fields.get(name, name) for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)]
+                    raw = {**raw, **{c: _as_text(raw[c]) for c in columns if raw.get(c) is not None}}
                 count += 1
                 yield where, raw
 
     def fingerprint(self) -> str:
-        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self._files()]
-        return _digest("file", stats, self.fields, self.system, self.limit)
+        contents = [(path.name, _file_digest(path)) for path in self._files()]  # content, not size and mtime
+        return _digest("file", contents, self.fields, self.system, self.limit, self.coerce)
+
+
+def _as_text(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return str(int(value)) if float(value).is_integer() else str(value)
+    if isinstance(value, list) and value:
+        return _as_text(value[0])
+    return value
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
@@ -181,6 +215,8 @@ class HubSource(Source):
         fields: our field name → the dataset's column name.
         system: system prompt for rows that have none.
         limit: read at most this many rows.
+        revision: a branch, tag or commit of the dataset repository (default: its main branch, resolved to the
+            current commit when the hub is reachable, so an updated dataset is tokenized anew).
     """
 
     def __init__(
@@ -191,18 +227,20 @@ class HubSource(Source):
         fields: dict[str, str] | None = None,
         system: str | None = None,
         limit: int | None = None,
+        revision: str | None = None,
     ) -> None:
         self.dataset, self.split, self.config_name = dataset, split, config_name
         self.fields = dict(fields or {})
         self.system = system
         self.limit = limit
+        self.revision = revision
         self.name = dataset
 
     def _load(self):
         import datasets
 
         try:
-            data = datasets.load_dataset(self.dataset, self.config_name, split=self.split)
+            data = datasets.load_dataset(self.dataset, self.config_name, split=self.split, revision=self.revision)
         except Exception as err:
             raise ConnectionError(
                 f"cannot load '{self.dataset}' from the Hugging Face hub ({type(err).__name__}: {err}). Offline? "
@@ -223,15 +261,46 @@ class HubSource(Source):
             yield f"{self.dataset}[{self.split}] row {index}", raw
 
     def fingerprint(self) -> str:
-        return _digest("hub", self.dataset, self.split, self.config_name, self.fields, self.system, self.limit)
+        settings = (self.dataset, self.split, self.config_name, self.fields, self.system, self.limit)
+        return _digest("hub", *settings, self._commit())
+
+    def _commit(self) -> str:
+        """The commit ``revision`` names now, or ``revision`` itself when the hub cannot be asked (offline)."""
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().dataset_info(self.dataset, revision=self.revision, timeout=10).sha or str(self.revision)
+        except Exception:
+            return str(self.revision)
+
+
+@contextmanager
+def sorted_figlet_fonts() -> Iterator[list[str]]:
+    """reasoning-gym's FigFont fonts, sorted by name, for as long as the block runs.
+
+    reasoning-gym draws each item's font from pyfiglet's font files listed in directory order, which differs
+    between filesystems: the same install gave item 0 ``coil_cop`` on one machine and ``triad_st`` on another.
+    Sorting keeps every draw of its random stream (word, font index, prompt template) and makes the font the
+    index selects the same everywhere.
+    """
+    from reasoning_gym.cognition import figlet_fonts
+
+    listed = figlet_fonts.OK_FONTS
+    figlet_fonts.OK_FONTS = sorted(listed)
+    try:
+        yield figlet_fonts.OK_FONTS
+    finally:
+        figlet_fonts.OK_FONTS = listed
 
 
 class FigFontSource(Source):
-    """The weak regime: FigFont puzzles from reasoning-gym, generated exactly as the reference does.
+    """The weak regime: FigFont puzzles from reasoning-gym, generated as the reference does, on any filesystem.
 
     Items are ``create_dataset('figlet_font', seed=seed, min_word_len=2, max_word_len=5, space_letters=True)``
     indexed from ``start`` (each index draws from its own ``Random(seed + index)``): 0–39,999 is the training
-    split, 40,000–44,999 the test split.
+    split, 40,000–44,999 the test split. Words and prompt templates are the reference's; fonts come from the
+    sorted font list (:func:`sorted_figlet_fonts`), where the reference's came from its machine's directory order,
+    which it did not record — so an item's font is the one at the same index of a differently ordered list.
     """
 
     def __init__(self, start: int = 0, count: int = 40_000, seed: int = 42, system: str = FIGFONT_SYSTEM_PROMPT):
@@ -244,17 +313,21 @@ class FigFontSource(Source):
         dataset = reasoning_gym.create_dataset(
             "figlet_font", size=10, seed=self.seed, min_word_len=2, max_word_len=5, space_letters=True
         )
-        for index in range(self.start, self.start + self.count):
-            item = dataset[index]
-            yield (
-                f"figlet_font item {index}",
-                {"instruction": item["question"], "output": item["answer"], "system": self.system},
-            )
+        with sorted_figlet_fonts():
+            for index in range(self.start, self.start + self.count):
+                item = dataset[index]
+                yield (
+                    f"figlet_font item {index}",
+                    {"instruction": item["question"], "output": item["answer"], "system": self.system},
+                )
 
     def fingerprint(self) -> str:
+        import pyfiglet
         import reasoning_gym
 
-        return _digest("figfont", self.start, self.count, self.seed, self.system, reasoning_gym.__version__)
+        with sorted_figlet_fonts() as fonts:
+            versions = (reasoning_gym.__version__, pyfiglet.__version__, fonts)
+        return _digest("figfont", self.start, self.count, self.seed, self.system, *versions)
 
 
 class ReasoningGymMathSource(Source):
