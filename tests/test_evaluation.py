@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("\\fbox{x^{2}}", "x^{2}"),
         ("no box here", None),
         ("\\boxed{unclosed", None),
+        ("first \\boxed{3} then \\boxed{4", None),  # cut off: not the earlier box
     ],
 )
 def test_extract_boxed(text, expected):
@@ -52,6 +53,21 @@ def test_math_scorer(output, reference, correct):
     assert MathScorer().score(output, reference)["correct"] == correct
 
 
+@pytest.mark.parametrize(
+    ("output", "extracted", "correct"),
+    [
+        ("so the result is \\boxed 5$ and", "5", 1.0),  # the harness reads \\boxed 5
+        ("We get 3 apples, then 5 more, 5 in all.", "5", 1.0),  # no box: the last number
+        ("The answer is 5.", "5", 1.0),
+        ("first \\boxed{3} then \\boxed{5", "5", 1.0),  # cut off: the harness keeps the partial box
+        ("no number at all", None, 0.0),
+    ],
+)
+def test_math_scorer_reference_extraction(output, extracted, correct):
+    score = MathScorer(extraction="reference").score(output, "5")
+    assert (score["extracted"], score["correct"]) == (extracted, correct)
+
+
 OPTIONS = {"A": "Pancreas", "B": "Liver", "C": "Kidney", "D": "Spleen"}
 
 
@@ -70,21 +86,49 @@ OPTIONS = {"A": "Pancreas", "B": "Liver", "C": "Kidney", "D": "Spleen"}
         ("A patient with diabetes... so the answer is (D)", "D"),
         ("I am not sure.", None),
         ("E", None),  # not an option
+        ("The answer is a hormone-secreting organ, (C)", "C"),  # "a" is an article
+        ("I think (B)… actually C", "C"),  # the last one
+        ("Option C", "C"),
+        ("The answer is C because B is wrong", "C"),  # an explicit answer wins
+        ("I'm fairly sure it's B", "B"),
     ],
 )
 def test_choice_letter_extraction(output, letter):
     assert ChoiceScorer.extract(output, OPTIONS) == letter
 
 
+TEN = dict(zip("ABCDEFGHIJ", ["Warfarin", "Heparin", "Aspirin", "Vitamin K antagonist", *"EFGHIJ"], strict=True))
+
+
 @pytest.mark.parametrize(
-    ("prediction", "target", "jaro_winkler"),
-    [("MARTHA", "MARHTA", 0.9611), ("dixon", "DICKSONX", 0.8133), ("BOS", "BOS", 1.0), ("", "ABC", 0.0)],
+    ("output", "letter"),
+    [("I would choose B", "B"), ("A vitamin K antagonist", "D"), ("I", "I"), ("(I)", "I")],
 )
-def test_figfont_scorer(prediction, target, jaro_winkler):
-    score = FigFontScorer().score(f" {prediction}\n", target)
+def test_choice_extraction_reads_articles_and_pronouns_as_words(output, letter):
+    """With ten options "A" and "I" are letters too; as article or pronoun they are not the answer."""
+    assert ChoiceScorer.extract(output, TEN) == letter
+
+
+@pytest.mark.parametrize(
+    ("prediction", "target", "jaro_winkler", "textbook"),
+    [
+        ("MARTHA", "MARHTA", 0.9611, 0.9611),
+        ("dixon", "DICKSONX", 0.8133, 0.8133),
+        ("BOS", "BOS", 1.0, 1.0),
+        ("", "ABC", 0.0, 0.0),
+        ("AB", "AC", 0.7, 0.6667),  # the reference adds the prefix bonus below Jaro 0.7 too
+        ("AXYZ", "ABCD", 0.55, 0.5),
+    ],
+)
+def test_figfont_scorer_is_the_reference(prediction, target, jaro_winkler, textbook):
+    score = FigFontScorer().score(prediction, target)
     assert score["jaro_winkler"] == pytest.approx(jaro_winkler, abs=1e-4)
+    assert score["jaro_winkler_textbook"] == pytest.approx(textbook, abs=1e-4)
     assert score["exact"] == float(prediction == target)
     assert score["exact_lower"] == float(prediction.lower() == target.lower())
+    padded = FigFontScorer().score(f" {prediction}\n", target)  # the reference compares raw outputs exactly
+    assert padded["exact"] == padded["exact_lower"] == 0.0
+    assert padded["jaro_winkler"] == score["jaro_winkler"]  # ... and strips for Jaro-Winkler
 
 
 def test_pass_at_k_and_average_at_n():
@@ -194,9 +238,15 @@ def test_evaluation_is_seeded_and_reuses_finished_cells(tmp_path, base_checkpoin
     evaluate({"other": base_checkpoint}, marks[1:], out, prompt_style="alpaca", seed=4)
     kept = json.loads((out / "results.json").read_text())["cells"]  # earlier models' cells are not dropped
     assert {(c["model"], c["benchmark"]) for c in kept} == {("other", "med"), ("base", "add"), ("base", "med")}
-    math_file(tmp_path)  # rewritten: a changed benchmark file is evaluated again
+    math_file(tmp_path)  # rewritten with the same content: still the same benchmark
+    assert all(c.get("reused") for c in evaluate({"base": base_checkpoint}, marks, out, seed=4,
+                                                   prompt_style="alpaca")["cells"][:1])  # fmt: skip
+    with (tmp_path / "math.jsonl").open("a") as handle:  # a changed benchmark file is evaluated again
+        handle.write(json.dumps({"problem": "What is 9 + 9?", "answer": "18"}) + "\n")
     assert not any(c.get("reused") for c in evaluate({"base": base_checkpoint}, marks, out, seed=4,
                                                        prompt_style="alpaca")["cells"][:1])  # fmt: skip
+    bf16 = evaluate({"base": base_checkpoint}, marks[1:], out, seed=4, prompt_style="alpaca", precision="bf16-true")
+    assert not any(c.get("reused") for c in bf16["cells"])  # another precision is another cell
 
 
 def test_bad_input_fails_before_any_model_is_loaded(tmp_path, base_checkpoint):
@@ -216,6 +266,34 @@ def test_shipped_evaluation_configs_parse():
     paper = parse_config(["--config", str(ROOT / "configs/eval/paper.yaml")])
     assert [b.suite for b in paper["benchmarks"]] == ["math"] * 5 + ["medical"] * 3 + ["figfont"]
     assert all(b.num_samples == 16 and b.max_new_tokens == 4096 for b in paper["benchmarks"][:5])
+    assert all(b.extraction == "reference" for b in paper["benchmarks"][:5])
+    medical = paper["benchmarks"][5:8]
+    assert all(b.max_new_tokens == 8000 and b.instruction.endswith("within \\boxed{}.") for b in medical)
+
+
+def test_harness_answer_files_load_with_coerce(tmp_path):
+    """The Qwen2.5-Math harness's AMC23 (numeric `answer`) and OlympiadBench (`final_answer` list) layouts."""
+    from deft_lightning.data import FileSource
+
+    amc, olympiad = tmp_path / "amc.jsonl", tmp_path / "olympiad.jsonl"
+    amc.write_text(json.dumps({"id": 0, "problem": "What is 20 + 7?", "answer": 27.0}) + "\n")
+    olympiad.write_text(json.dumps({"id": 1, "question": "Half of one?", "final_answer": ["$\\frac{1}{2}$"]}) + "\n")
+    strict = Math("AMC23", FileSource(amc, fields={"instruction": "problem", "output": "answer"}))
+    with pytest.raises(ValueError, match="field 'answer' must be a string, got float"):
+        strict.items()
+    with pytest.raises(
+        ValueError, match=r"missing field 'solution'; the record's fields are \['answer', 'id', 'problem'\]"
+    ):
+        Math("x", FileSource(amc, fields={"instruction": "problem", "output": "solution"})).items()
+    cases = (
+        (amc, {"instruction": "problem", "output": "answer"}, "27", "so \\boxed{27}"),
+        (olympiad, {"instruction": "question", "output": "final_answer"}, "$\\frac{1}{2}$", "\\boxed{0.5}"),
+    )
+    for path, fields, reference, output in cases:
+        benchmark = Math("m", FileSource(path, fields=fields, coerce=True), extraction="reference")
+        (item,) = benchmark.items()
+        assert item.reference == reference
+        assert benchmark.scorer.score(output, item.reference)["correct"] == 1.0
     smol = parse_config(["--config", str(ROOT / "configs/eval/smollm2.yaml")])
     assert [len(b.items()) for b in smol["benchmarks"]] == [200, 50, 16]
     assert smol["benchmarks"][0].items()[0].id == "40000"

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from deft_lightning.data.sources import (
     BOXED_INSTRUCTION,
@@ -153,9 +153,10 @@ class Math(Benchmark):
             or the offline ``ReasoningGymMathSource``.
         instruction: appended to each problem that does not already contain it.
         pass_k: the k of pass@k (each ≤ num_samples); default 1 and the powers of two up to num_samples.
+        extraction: how the final answer is read (:class:`~deft_lightning.evaluation.scorers.MathScorer`):
+            ``boxed`` (only a closed final ``\\boxed{}``) or ``reference`` (the reference harness's rules, with
+            the last number when there is no box — how the paper's numbers were read).
     """
-
-    scorer = MathScorer()
 
     def __init__(
         self,
@@ -169,9 +170,12 @@ class Math(Benchmark):
         top_p: float = 1.0,
         max_new_tokens: int = 4096,
         pass_k: list[int] | None = None,
+        extraction: Literal["boxed", "reference"] = "boxed",
     ) -> None:
         super().__init__(name, suite, limit, max_new_tokens, temperature, top_p, num_samples)
         self.source, self.instruction = source, instruction
+        self.extraction = extraction
+        self.scorer = MathScorer(extraction)
         self.pass_k = pass_k or [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= num_samples]
         if any(not 1 <= k <= num_samples for k in self.pass_k):
             raise ValueError(f"benchmark '{name}': pass_k {self.pass_k} must lie in [1, num_samples={num_samples}]")

@@ -10,7 +10,7 @@ benchmark files and rows, prompt lengths) before the first model is loaded. Resu
 - ``tables.md``: the printed tables.
 
 Files are replaced atomically after every cell; a rerun reuses cells whose key (model file, benchmark, sampling,
-seed, prompt settings) is unchanged, so a killed evaluation resumes where it stopped.
+seed, prompt settings, precision) is unchanged, so a killed evaluation resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def evaluate(
         model = None
         for benchmark in benchmarks:
             sampling = benchmark.sampling(batch_size)
-            key = _digest([ref.fingerprint(), ref.system_prompt, benchmark.spec(), sampling, seed])
+            key = _digest([ref.fingerprint(), ref.system_prompt, benchmark.spec(), sampling, seed, precision])
             generations = Path("generations") / ref.name / f"{benchmark.name}.jsonl"
             if key in earlier and (out_dir / generations).is_file():
                 cells.append({**earlier[key], "reused": True})
