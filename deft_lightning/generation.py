@@ -51,6 +51,14 @@ def _head_on_positions(model: GPT, positions: Tensor) -> Iterator[None]:
         hook.remove()
 
 
+def _set_max_seq_length(model: GPT, length: int) -> None:
+    """LitGPT rebuilds the RoPE tables in fp32 on every change; keep the dtype they had (bf16 in a ``bf16-true``
+    model), so generating in the middle of a fit does not change the training numerics after it."""
+    dtype = model.cos.dtype
+    model.max_seq_length = length
+    model.cos, model.sin = model.cos.to(dtype), model.sin.to(dtype)
+
+
 def _sample_seed(seed: int, sample: int) -> int:
     return (seed * 1_000_003 + sample * 7_919 + 12_345) % (2**63)
 
@@ -84,7 +92,7 @@ def _generate_batch(model: GPT, prompts: list[list[int]], eos_id: int, sampler: 
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     longest = int(lengths.max())
     model.clear_kv_cache()  # the previous batch's cache is shorter or larger than this one needs
-    model.max_seq_length = longest + max_new
+    _set_max_seq_length(model, longest + max_new)
     model.set_kv_cache(batch_size=len(prompts), device=device)
     tokens = torch.tensor([p + [eos_id] * (longest - len(p)) for p in prompts], device=device)
     positions = torch.arange(longest, device=device).expand(len(prompts), -1)
@@ -153,6 +161,6 @@ def generate(
     finally:
         bar.close()
         model.clear_kv_cache()
-        model.max_seq_length = original_max_seq_length
+        _set_max_seq_length(model, original_max_seq_length)
         model.train(was_training)
     return outputs

@@ -53,7 +53,9 @@ class Prompter:
             return self._hf_tokenizer.apply_chat_template(
                 self.messages(example), tokenize=False, add_generation_prompt=True
             )
-        return self._style.apply(prompt=example["instruction"], **{k: v for k, v in example.items() if k != "output"})
+        system = example.get("system") or self.system_prompt  # LitGPT styles take it as sys_prompt
+        fields = {k: v for k, v in example.items() if k not in ("output", "system", "instruction")}
+        return self._style.apply(example["instruction"], sys_prompt=system, **fields)
 
     def prompt_ids(self, example: dict[str, str]) -> list[int]:
         text = self.prompt_text(example)

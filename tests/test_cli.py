@@ -172,3 +172,30 @@ def test_training_throughput_callback_counts_unpadded_tokens(tmp_path, capsys):
     result = json.loads(line)
     first = next(iter(cli.datamodule.train_dataloader()))
     assert result["seconds"] > 0 and 0 < result["tokens"] <= 2 * first["input_ids"].numel()
+
+
+def test_regime_validation_items_are_held_out_from_evaluation():
+    """weak.yaml / strong.yaml validate on items that no shipped evaluation config reports."""
+    import importlib
+
+    import yaml
+
+    from deft_lightning.data.sources import RowReport
+    from deft_lightning.evaluation.run import parse_config
+
+    def build(spec):
+        module, _, name = spec["class_path"].rpartition(".")
+        return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+    evaluated = set()
+    for config in ("smollm2", "paper"):
+        for benchmark in parse_config(["--config", str(ROOT / f"configs/eval/{config}.yaml")])["benchmarks"]:
+            source = benchmark.source
+            if type(source).__name__ == "HubSource" or not getattr(source, "path", ROOT).exists():
+                continue  # the hub and the paper's local benchmark copies are not here
+            evaluated |= {row["instruction"] for row in source.rows(RowReport())}
+    assert len(evaluated) > 200
+    for regime in ("weak", "strong"):
+        val = yaml.safe_load((ROOT / f"configs/{regime}.yaml").read_text())["data"]["init_args"]["val"]
+        held_out = {row["instruction"] for row in build(val).rows(RowReport())}
+        assert held_out and not held_out & evaluated, regime

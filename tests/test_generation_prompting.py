@@ -73,6 +73,21 @@ def test_generation_leaves_the_model_trainable(tiny_model):
     tiny_model(torch.tensor([[5, 6, 7]])).sum().backward()  # rope cache must not be an inference tensor
 
 
+def test_generation_keeps_the_rope_dtype_of_a_bf16_model():
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", block_size=64, vocab_size=320, padded_vocab_size=320, n_layer=1, n_head=2, n_embd=32))
+    model = model.to(torch.bfloat16)
+    before = model.cos.clone()
+    generate(model, [[5, 6]], eos_id=1, sampling=SamplingConfig(max_new_tokens=3))
+    assert model.cos.dtype == model.sin.dtype == torch.bfloat16 and torch.equal(model.cos, before)
+
+
+def test_litgpt_prompt_styles_keep_the_row_system_prompt():
+    prompter = Prompter(TOKENIZER, "alpaca", system_prompt="Default system.\n\n")
+    assert prompter.prompt_text({"instruction": "Hi", "system": "Row system.\n\n"}).startswith("Row system.")
+    assert prompter.prompt_text({"instruction": "Hi"}).startswith("Default system.")
+
+
 def test_litgpt_prompt_style_and_eos():
     prompter = Prompter(TOKENIZER, "alpaca")
     ids = prompter.prompt_ids({"instruction": "Reverse the letters of the word.", "input": "abc"})

@@ -243,10 +243,22 @@ class SFTDataModule(L.LightningDataModule):
             self.print_summary()
 
     def _cache_key(self, source: Source) -> str:
+        """Everything that decides the token ids: the tokenizer files (a ``chat_template.jinja`` is read before
+        ``tokenizer_config.json``'s template), LitGPT's BOS rule for this directory (it special-cases names such
+        as ``SmolLM2*Instruct``), the source's content, the prompt settings, truncation and bad-row handling."""
         digest = hashlib.sha256()
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            digest.update((self.tokenizer_dir / name).read_bytes())
-        settings = [CACHE_FORMAT, source.fingerprint(), self.prompt_style, self.system_prompt, self.max_seq_length]
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            path = self.tokenizer_dir / name
+            digest.update(path.read_bytes() if path.is_file() else b"(none)")
+        settings = [
+            CACHE_FORMAT,
+            source.fingerprint(),
+            self.prompt_style,
+            self.system_prompt,
+            self.max_seq_length,
+            self.on_bad_row,
+            self.tokenizer.use_bos,
+        ]
         digest.update(json.dumps(settings).encode())
         return digest.hexdigest()[:20]
 
