@@ -265,6 +265,8 @@ def test_hub_source_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ConnectionError, match="Offline\\?.*FileSource"):
         list(HubSource("gaotang/numina-cot-subset-67k").rows(RowReport()))
+    pinned = HubSource("gaotang/numina-cot-subset-67k", revision="v1").fingerprint()
+    assert pinned != HubSource("gaotang/numina-cot-subset-67k").fingerprint()  # the revision is in the cache key
 
 
 def test_missing_inputs_are_reported(tmp_path):
