@@ -1,11 +1,13 @@
 """Regenerate every shipped sample under data/: `python data/build.py` (deterministic).
 
-- tiny/      four string tasks + a 320-token byte-level BPE tokenizer, for the random-init tiny model
+- tiny/      four string tasks + a 320-token byte-level BPE tokenizer (with a ChatML-style chat template), for
+             the random-init tiny model
 - figfont/   weak regime: FigFont puzzles from reasoning-gym, exactly as the reference generates them
 - math/      strong regime sample: word problems with step-by-step solutions ending in \\boxed{}
              (NuminaMath-style columns `problem` / `solution`, read through a `fields:` mapping)
 - medical/   intermediate regime sample: multiple-choice questions answered with the option letter
-- general/   general instructions, mixed with math in the mixed regime
+- general/   general instructions (single-turn)
+- chat/      multi-turn conversations in the Tulu-3 SFT mixture's layout, mixed with math in the mixed regime
 """
 
 import json
@@ -38,6 +40,15 @@ def tiny_rows(count: int, rng: random.Random) -> list[dict[str, str]]:
     return rows
 
 
+#: ChatML-style turns ending in the tiny tokenizer's EOS, so the tiny model can train on conversations
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
 def build_tiny() -> None:
     from litgpt.prompts import Alpaca
 
@@ -49,6 +60,7 @@ def build_tiny() -> None:
     write_jsonl(HERE / "tiny/val.jsonl", val)
     texts = [Alpaca().apply(r["instruction"], input=r["input"]) + r["output"] for r in train]
     train_byte_level_bpe(texts, HERE / "tiny/tokenizer", vocab_size=320)
+    (HERE / "tiny/tokenizer/chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
 
 
 # ---------------------------------------------------------------- figfont
@@ -146,6 +158,56 @@ def general_rows(rng: random.Random) -> list[dict[str, str]]:
     return rows
 
 
+# ---------------------------------------------------------------- chat
+CHAT_SYSTEMS = ["You are a concise assistant.", "You are a patient tutor. Explain briefly, then answer."]
+UNITS = [("kilometres", "metres", 1000), ("hours", "minutes", 60), ("kilograms", "grams", 1000), ("days", "hours", 24)]
+COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "a ripe banana": "yellow"}
+
+
+def chat_turns(rng: random.Random) -> list[tuple[str, str]]:
+    """2–3 user/assistant exchanges on one small topic, each answer checkable from the question."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        big, small, factor = rng.choice(UNITS)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        return [
+            (f"How many {small} are in {a} {big}?", f"{a} {big} are {a} × {factor} = {a * factor} {small}."),
+            (f"And in {b} {big}?", f"{b} × {factor} = {b * factor} {small}."),
+            ("Which is more?", f"{max(a, b)} {big}, that is {max(a, b) * factor} {small}."),
+        ][: rng.randint(2, 3)]
+    if kind == 1:
+        word = rng.choice(WORDS)
+        return [
+            (f"Spell the word '{word}' backwards.", word[::-1]),
+            ("Now in capital letters.", word[::-1].upper()),
+            ("How many letters is that?", f"{len(word)} letters."),
+        ][: rng.randint(2, 3)]
+    if kind == 2:
+        thing, colour = rng.choice(sorted(COLOURS.items()))
+        other, other_colour = rng.choice(sorted(COLOURS.items()))
+        return [
+            (f"What colour is {thing}?", f"{thing[0].upper() + thing[1:]} is usually {colour}."),
+            (f"And {other}?", f"{other[0].upper() + other[1:]} is usually {other_colour}."),
+        ]
+    a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
+    return [
+        (f"What is {a} + {b}?", f"{a} + {b} = {a + b}."),
+        (f"Multiply that by {c}.", f"{a + b} × {c} = {(a + b) * c}."),
+        ("Is the result even?", "Yes, it is even." if (a + b) * c % 2 == 0 else "No, it is odd."),
+    ][: rng.randint(2, 3)]
+
+
+def chat_rows(count: int, rng: random.Random) -> list[dict]:
+    """Conversations in the Tulu-3 SFT mixture's layout: ``{id, messages: [{role, content}], source}``."""
+    rows = []
+    for index in range(count):
+        messages = [{"role": "system", "content": rng.choice(CHAT_SYSTEMS)}] if rng.random() < 0.4 else []
+        for question, answer in chat_turns(rng):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        rows.append({"id": f"chat-{index}", "messages": messages, "source": "deft_lightning/data/build.py"})
+    return rows
+
+
 def main() -> None:
     build_tiny()
     build_figfont()
@@ -154,6 +216,9 @@ def main() -> None:
     write_jsonl(HERE / "math/test.jsonl", math_rows(16, rng))
     write_jsonl(HERE / "medical/train.jsonl", medical_rows(rng))
     write_jsonl(HERE / "general/train.jsonl", general_rows(rng))
+    chats = chat_rows(240, random.Random(11))
+    write_jsonl(HERE / "chat/train.jsonl", chats[:200])
+    write_jsonl(HERE / "chat/val.jsonl", chats[200:])
 
 
 if __name__ == "__main__":

@@ -8,16 +8,30 @@ BOS is decided explicitly: with a chat template the rendered text is tokenized w
 starts the prompt. With a LitGPT prompt style, LitGPT's own rule applies (``add_bos_token`` in
 ``tokenizer_config.json``), as in ``litgpt finetune``. Responses are tokenized without special tokens and end
 with the tokenizer's EOS, which is trained.
+
+Conversations (rows with ``messages``) are rendered whole by the chat template and tokenized once; the trained
+tokens are each assistant turn's content and its end-of-turn token. The spans are found without
+``{% generation %}`` markers (most templates lack them): the conversation up to a turn, rendered with the
+generation prompt, and up to the end of that turn must each be a prefix of the whole rendering, and the span lies
+between them. A template that rewrites earlier turns once later ones follow (some drop past reasoning) fails that
+check and is an error naming the template and the turn, never a silently wrong mask.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from litgpt.prompts import PromptStyle
 from litgpt.tokenizer import Tokenizer
 
 CHAT_TEMPLATE = "chat_template"
+#: which assistant turns of a conversation are trained
+TrainOn = Literal["all_assistant", "last_assistant"]
+
+
+class TemplateError(ValueError):
+    """A chat template cannot render a conversation so that its assistant turns can be located."""
 
 
 class Prompter:
@@ -57,11 +71,55 @@ class Prompter:
         fields = {k: v for k, v in example.items() if k not in ("output", "system", "instruction")}
         return self._style.apply(example["instruction"], sys_prompt=system, **fields)
 
-    def prompt_ids(self, example: dict[str, str]) -> list[int]:
+    def prompt_ids(self, example: dict[str, Any]) -> list[int]:
+        """The prompt a model answers: a row's rendered prompt, or a conversation up to its last assistant turn."""
+        if example.get("messages"):
+            messages = example["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            return self._encode_plain(self._render(messages[:last], generation_prompt=True))
         text = self.prompt_text(example)
         if self._style is None:
             return self._encode_plain(text)
         return self.tokenizer.encode(text).tolist()
+
+    def conversation_ids(self, messages: list[dict[str, str]], train_on: TrainOn = "all_assistant"):
+        """Token ids of the whole conversation (equal to ``apply_chat_template(messages, tokenize=True)``) and,
+        for each, whether it is trained: the content and end-of-turn token of every assistant turn, or of the
+        last one only (``train_on: last_assistant``)."""
+        if self._style is not None:
+            raise ValueError(f"conversation rows need data.prompt_style: {CHAT_TEMPLATE} (got '{self.prompt_style}')")
+        text = self._render(messages)
+        turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        spans = []
+        for turn in turns[-1:] if train_on == "last_assistant" else turns:
+            before = self._render(messages[:turn], generation_prompt=True)
+            through = self._render(messages[: turn + 1])
+            if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
+                raise TemplateError(
+                    f"the chat template of '{self.tokenizer_dir}' renders assistant turn {turn} differently once "
+                    "later turns follow (it rewrites earlier turns, e.g. drops their reasoning), so its trained "
+                    "tokens cannot be located; train on single turns or use data.train_on: last_assistant"
+                )
+            spans.append((len(before), len(through.rstrip())))  # content + end-of-turn, not the newline after
+        encoding = self._encode_with_offsets(text)
+        trained = [any(start <= a and b <= end for start, end in spans) for a, b in encoding.offsets]
+        return list(encoding.ids), trained
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        try:
+            return self._hf_tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as err:
+            raise TemplateError(
+                f"the chat template of '{self.tokenizer_dir}' cannot render turns 0–{len(messages) - 1} "
+                f"({type(err).__name__}: {err})"
+            ) from None
+
+    def _encode_with_offsets(self, text: str) -> Any:
+        if self.tokenizer.backend != "huggingface":
+            raise ValueError(f"conversations need a tokenizer.json tokenizer; '{self.tokenizer_dir}' has none")
+        return self.tokenizer.processor.encode(text, add_special_tokens=False)
 
     def response_ids(self, response: str) -> list[int]:
         return [*self._encode_plain(response), self.tokenizer.eos_id]

@@ -36,6 +36,6 @@ def write_tiny_checkpoint(out: Path, seed: int = 0, block_size: int = 512) -> Pa
     torch.manual_seed(seed)
     torch.save(GPT(config).state_dict(), out / "lit_model.pth")
     save_config(config, out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(ROOT / "data/tiny/tokenizer" / name, out / name)
     return out

@@ -93,6 +93,20 @@ def test_token_statistics_align_with_a_direct_forward(two_models):
     assert stats.entropy.shape == stats.prob.shape
 
 
+def test_token_statistics_of_conversations_cover_only_assistant_turns(two_models):
+    """analyze --data on conversation rows: statistics for exactly the assistant turns' tokens."""
+    import json
+
+    ref = resolve_model("a", two_models[0], prompt_style="chat_template")
+    model = load_weights(ref, torch.device("cpu"), torch.float32)
+    prompter = Prompter(ref.tokenizer_dir, "chat_template")
+    chats = [json.loads(line) for line in (ROOT / "data/chat/train.jsonl").read_text().splitlines()[:4]]
+    stats = token_statistics(model, prompter, chats, Needs(), max_seq_length=512)
+    trained = sum(sum(prompter.conversation_ids(chat["messages"])[1][1:]) for chat in chats)
+    assert stats.prob.numel() == trained
+    torch.testing.assert_close(stats.prob, direct_target_probs(model, prompter, chats), rtol=1e-4, atol=1e-6)
+
+
 def analysis_args(tmp_path: Path, kind: str, *extra: str) -> list[str]:
     return [kind, "--data", str(ROOT / "data/tiny/train.jsonl"), "--limit", "6", "--prompt-style", "alpaca",
             "--out", str(tmp_path), *extra]  # fmt: skip

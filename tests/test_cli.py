@@ -144,7 +144,7 @@ SMALL_SOURCES = {
     "weak": ["--data.init_args.train.init_args.count=16", "--data.init_args.val.init_args.count=4"],
     "strong": ["--data.init_args.train.init_args.count=16"],
     "intermediate": [],
-    "mixed": ["--data.init_args.train.init_args.total=16"],
+    "mixed": ["--data.init_args.train.init_args.total=16", "--data.init_args.prompt_style=chat_template"],
 }
 
 

@@ -96,3 +96,40 @@ def test_prepare_model_is_idempotent(checkpoint_dir, capsys):
     prepare_model(checkpoint_dir)
     assert "is ready" in capsys.readouterr().out
     assert (checkpoint_dir / "lit_model.pth").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("template", ["SmolLM2", "qwen2.5_style_chat_template.jinja"])
+def test_three_turn_conversation_trains_exactly_the_assistant_turns(checkpoint_dir, tmp_path, template):
+    """SmolLM2's own template and a Qwen2.5-style one (default system prompt) on SmolLM2's tokenizer: the trained
+    ids are the assistant contents, each followed by its <|im_end|>, and the ids equal apply_chat_template's."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    directory = checkpoint_dir
+    if template != "SmolLM2":
+        directory = tmp_path / "tok"
+        directory.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(checkpoint_dir / name, directory / name)
+        shutil.copy(Path(__file__).parent / "fixtures" / template, directory / "chat_template.jinja")
+    messages = [
+        {"role": "user", "content": "Name a prime number."},
+        {"role": "assistant", "content": "7 is prime."},
+        {"role": "user", "content": "A larger one?"},
+        {"role": "assistant", "content": "101."},
+        {"role": "user", "content": "Is 91 prime?"},
+        {"role": "assistant", "content": "No: 91 = 7 × 13."},
+    ]
+    prompter = Prompter(directory, "chat_template")
+    ids, trained = prompter.conversation_ids(messages)
+    reference = AutoTokenizer.from_pretrained(directory)
+    assert ids == reference.apply_chat_template(messages, tokenize=True)["input_ids"]
+    if template != "SmolLM2":
+        assert "You are a helpful assistant built to answer clearly." in prompter._render(messages)
+    end = reference.convert_tokens_to_ids("<|im_end|>")
+    expected = []
+    for message in messages[1::2]:
+        expected += [*reference.encode(message["content"], add_special_tokens=False), end]
+    assert [token for token, keep in zip(ids, trained, strict=True) if keep] == expected

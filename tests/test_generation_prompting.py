@@ -93,8 +93,15 @@ def test_litgpt_prompt_style_and_eos():
     ids = prompter.prompt_ids({"instruction": "Reverse the letters of the word.", "input": "abc"})
     assert "### Input:\nabc" in prompter.decode(ids)
     assert prompter.response_ids("cba")[-1] == prompter.tokenizer.eos_id
+
+
+def test_chat_template_style_needs_a_template(tmp_path):
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, tmp_path / name)
     with pytest.raises(ValueError, match="has no chat template"):
-        Prompter(TOKENIZER, "chat_template")
+        Prompter(tmp_path, "chat_template")
 
 
 def test_missing_wheel_says_how_to_install(monkeypatch):

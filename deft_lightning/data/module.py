@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -38,11 +38,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
 from deft_lightning.data.sources import OPTIONAL_FIELDS, REQUIRED_FIELDS, RowReport, Source
-from deft_lightning.prompting import Prompter
+from deft_lightning.prompting import Prompter, TrainOn
 from deft_lightning.tables import format_table
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = 1  # bump when the tokenized layout or the encoding rules change
+CACHE_FORMAT = 2  # bump when the tokenized layout or the encoding rules change
 
 
 @dataclass
@@ -51,6 +51,7 @@ class SplitReport:
 
     source: str
     examples: int = 0
+    conversations: int = 0  # of the examples, how many are multi-turn conversations
     bad_rows_skipped: int = 0
     dropped_truncated: int = 0  # whole response cut away by max_seq_length
     truncated: int = 0  # response partly cut, kept
@@ -60,15 +61,31 @@ class SplitReport:
     from_cache: bool = False
 
 
-def encode_example(prompter: Prompter, row: dict[str, str], max_seq_length: int) -> tuple[list[int], list[int], bool]:
-    """Prompt + response (+ EOS) ids right-truncated to ``max_seq_length``; labels mask the prompt.
+def encode_example(
+    prompter: Prompter, row: dict[str, Any], max_seq_length: int, train_on: TrainOn = "all_assistant"
+) -> tuple[list[int], list[int], bool]:
+    """Token ids right-truncated to ``max_seq_length`` and labels that mask all but the trained tokens: the
+    response and its EOS of a single-turn row; the assistant turns (``train_on``) of a conversation.
 
     Returns ``(input_ids, labels, truncated)``.
     """
+    if row.get("messages"):
+        input_ids, trained = prompter.conversation_ids(row["messages"], train_on)
+        labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, trained, strict=True)]
+        return input_ids[:max_seq_length], labels[:max_seq_length], len(input_ids) > max_seq_length
     prompt, response = prompter.prompt_ids(row), prompter.response_ids(row["output"])
     input_ids = (prompt + response)[:max_seq_length]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_seq_length]
     return input_ids, labels, len(prompt) + len(response) > max_seq_length
+
+
+#: text kept next to the token ids, for generation and evaluation prompts (a conversation as JSON)
+TEXT_COLUMNS = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "messages")
+
+
+def _text_columns(row: dict[str, Any]) -> dict[str, str]:
+    texts = {name: row.get(name, "") for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)}
+    return {**texts, "messages": json.dumps(row["messages"]) if row.get("messages") else ""}
 
 
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -167,8 +184,10 @@ class SFTDataModule(L.LightningDataModule):
         batch_size: sequences per optimizer step per device (split into ``model.micro_batch_size``).
         num_workers: dataloader workers.
         seed: shuffling seed.
-        on_bad_row: ``error`` stops at the first malformed row (naming file, line and field); ``skip`` skips
-            and counts them.
+        on_bad_row: ``error`` stops at the first malformed row (naming file, line, field and turn); ``skip``
+            skips and counts them.
+        train_on: for conversation rows, train every assistant turn (``all_assistant``) or only the last one
+            (``last_assistant``); system, user and tool turns are never trained.
         length_grouping: batch sequences of similar length together to cut padding.
         cache_dir: where tokenized splits are cached.
     """
@@ -189,12 +208,16 @@ class SFTDataModule(L.LightningDataModule):
         on_bad_row: Literal["error", "skip"] = "error",
         length_grouping: bool = False,
         cache_dir: Path = Path(".cache/deft_lightning"),
+        train_on: TrainOn = "all_assistant",
     ) -> None:
         super().__init__()
         if max_seq_length < 2:
             raise ValueError(f"data.max_seq_length must be >= 2, got {max_seq_length}")
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        if train_on not in ("all_assistant", "last_assistant"):
+            raise ValueError(f"data.train_on must be 'all_assistant' or 'last_assistant', got {train_on!r}")
+        self.train_on = train_on
         missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (Path(tokenizer_dir) / f).is_file()]
         if missing:
             raise FileNotFoundError(f"data.tokenizer_dir '{tokenizer_dir}' lacks {', '.join(missing)}")
@@ -225,8 +248,8 @@ class SFTDataModule(L.LightningDataModule):
         """Tokenize and cache the splits a run needs, once per node: Lightning calls this on each node's local
         rank 0 and holds the other ranks at a barrier, so they only read the finished cache in :meth:`setup`."""
         for split in self._splits(self.trainer.state.fn.value):
-            if self.sources[split] is not None:
-                self._prepare(split)
+            if self.sources[split] is not None and split not in self.datasets:
+                self.datasets[split], self.reports[split] = self._prepare(split)  # setup keeps them
 
     def _splits(self, stage: str) -> tuple[str, ...]:
         return {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
@@ -258,6 +281,7 @@ class SFTDataModule(L.LightningDataModule):
             self.max_seq_length,
             self.on_bad_row,
             self.tokenizer.use_bos,
+            self.train_on,
         ]
         digest.update(json.dumps(settings).encode())
         return digest.hexdigest()[:20]
@@ -277,10 +301,13 @@ class SFTDataModule(L.LightningDataModule):
         started = time.perf_counter()
         read = RowReport()
         report = SplitReport(source=source.name)
-        text_fields = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)
-        columns: dict[str, list] = {name: [] for name in ("input_ids", "labels", "length", *text_fields)}
-        for row in tqdm(source.rows(read, self.on_bad_row), desc=f"{split}: {source.name}", unit=" rows"):
-            input_ids, labels, truncated = encode_example(self.prompter, row, self.max_seq_length)
+        columns: dict[str, list] = {name: [] for name in ("input_ids", "labels", "length", *TEXT_COLUMNS)}
+        rows = tqdm(source.rows(read, self.on_bad_row), desc=f"{split}: {source.name}", unit=" rows")
+        for index, row in enumerate(rows):
+            try:
+                input_ids, labels, truncated = encode_example(self.prompter, row, self.max_seq_length, self.train_on)
+            except ValueError as err:
+                raise ValueError(f"{split} source {source.name}, row {index}: {err}") from None
             trainable = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 is never a target
             if trainable == 0:
                 report.dropped_truncated += 1
@@ -291,8 +318,9 @@ class SFTDataModule(L.LightningDataModule):
             columns["input_ids"].append(input_ids)
             columns["labels"].append(labels)
             columns["length"].append(len(input_ids))
-            for name in text_fields:  # kept for generation and evaluation prompts
-                columns[name].append(row.get(name, ""))
+            report.conversations += bool(row.get("messages"))
+            for name, text in _text_columns(row).items():  # kept for generation and evaluation prompts
+                columns[name].append(text)
         report.examples, report.bad_rows_skipped = len(columns["length"]), len(read.skipped)
         for message in read.skipped[:5]:
             rank_zero_info(f"skipped bad row: {message}")
@@ -319,17 +347,18 @@ class SFTDataModule(L.LightningDataModule):
             shutil.rmtree(staging, ignore_errors=True)
         return datasets.load_from_disk(str(path / "tokens")), report
 
-    def examples(self, split: str, count: int) -> list[dict[str, str]]:
+    def examples(self, split: str, count: int) -> list[dict[str, Any]]:
         """The first ``count`` kept rows of a prepared split, as prompter rows (for predictions and evaluation)."""
-        text_fields = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)
         subset = self.datasets[split].select(range(min(count, len(self.datasets[split]))))
-        return [{k: v for k, v in row.items() if v} for row in subset.select_columns(list(text_fields))]
+        rows = [{k: v for k, v in row.items() if v} for row in subset.select_columns(list(TEXT_COLUMNS))]
+        return [{**row, "messages": json.loads(row["messages"])} if "messages" in row else row for row in rows]
 
     def print_summary(self) -> None:
         header = (
             "split",
             "source",
             "examples",
+            "chats",
             "bad skipped",
             "dropped",
             "truncated",
@@ -347,13 +376,14 @@ class SFTDataModule(L.LightningDataModule):
                     split,
                     report.source,
                     str(report.examples),
+                    str(report.conversations),
                     str(report.bad_rows_skipped),
                     str(report.dropped_truncated),
                     str(report.truncated),
                     f"{report.tokens:,}",
                     f"{report.trainable_tokens / max(1, report.tokens):.1%}",
                     f"{padding_fraction(lengths, order, self.batch_size):.1%}",
-                    f"{report.seconds:.1f} s" + (" (cache)" if report.from_cache else ""),
+                    f"{report.seconds:.2f} s" + (" (cache)" if report.from_cache else ""),
                 )
             )
         title = f"Data ({self.regime} regime, max_seq_length={self.max_seq_length})"

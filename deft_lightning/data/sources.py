@@ -41,10 +41,78 @@ class RowReport:
     skipped: list[str] = field(default_factory=list)  # one message per skipped bad row
 
 
-def validate_row(raw: Any, fields: Mapping[str, str], where: str) -> dict[str, str]:
-    """Map a raw record to an SFT row, or raise :class:`BadRowError` naming ``where`` and the field."""
+#: the roles of a conversation turn, as chat templates name them
+ROLES = ("system", "user", "assistant", "tool")
+#: ShareGPT speakers (``from``) → roles; a source's ``roles`` mapping adds or overrides entries
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
+
+
+def conversation_column(raw: Mapping[str, Any], fields: Mapping[str, str]) -> str | None:
+    """The column holding a conversation: ``fields['messages']`` if mapped, else ``messages`` or ShareGPT's
+    ``conversations`` when the record has one; None for a single-turn record."""
+    if "messages" in fields:
+        return fields["messages"]
+    return next((column for column in ("messages", "conversations") if column in raw), None)
+
+
+def validate_conversation(
+    turns: Any, column: str, where: str, roles: Mapping[str, str], system: Any = None
+) -> dict[str, Any]:
+    """A conversation row ``{"messages": [{"role", "content"}, ...], "output": last assistant content}`` from
+    OpenAI-style (``role``/``content``) or ShareGPT-style (``from``/``value``) turns, or :class:`BadRowError`
+    naming ``where`` and the turn."""
+    if not isinstance(turns, list) or not turns:
+        raise BadRowError(f"{where}: field '{column}' must be a non-empty list of turns, got {type(turns).__name__}")
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise BadRowError(f"{where}: turn {index} of '{column}' must be an object, got {type(turn).__name__}")
+        if "role" in turn:
+            speaker, content = turn["role"], turn.get("content")
+            role = speaker
+        elif "from" in turn:
+            speaker, content = turn["from"], turn.get("value")
+            role = {**SHAREGPT_ROLES, **roles}.get(speaker)
+        else:
+            raise BadRowError(f"{where}: turn {index} of '{column}' has neither role/content nor from/value")
+        if role not in ROLES:
+            raise BadRowError(
+                f"{where}: turn {index} of '{column}' has unknown role {speaker!r} (roles: {', '.join(ROLES)}; "
+                "map other speakers with the source's roles:, e.g. roles: {bot: assistant})"
+            )
+        if not isinstance(content, str) or not content.strip():
+            got = "empty" if isinstance(content, str) else type(content).__name__
+            raise BadRowError(f"{where}: turn {index} of '{column}' ({role}) needs non-empty text content, got {got}")
+        messages.append({"role": role, "content": content})
+    if not any(message["role"] == "assistant" for message in messages):
+        raise BadRowError(f"{where}: '{column}' has no assistant turn, so nothing to train on")
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    last = next(message["content"] for message in reversed(messages) if message["role"] == "assistant")
+    return {"messages": messages, "output": last}
+
+
+def validate_row(
+    raw: Any, fields: Mapping[str, str], where: str, roles: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Map a raw record to an SFT row (single-turn, or a conversation), or raise :class:`BadRowError` naming
+    ``where`` and the field (and turn)."""
     if not isinstance(raw, Mapping):
         raise BadRowError(f"{where}: expected an object, got {type(raw).__name__}")
+    column = conversation_column(raw, fields)
+    if column is not None:
+        if column not in raw:
+            raise BadRowError(f"{where}: missing field '{column}'; the record's fields are {sorted(raw)}")
+        return validate_conversation(raw[column], column, where, roles or {}, raw.get(fields.get("system", "system")))
     row = {}
     for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
         column = fields.get(name, name)
@@ -68,13 +136,14 @@ class Source:
 
     name: str = "source"
     fields: Mapping[str, str] = {}
+    roles: Mapping[str, str] = {}
 
     def rows(self, report: RowReport, on_bad_row: Literal["error", "skip"] = "error") -> Iterator[dict[str, str]]:
         for where, raw in self.records():
             try:
                 if isinstance(raw, BadRowError):
                     raise raw
-                row = validate_row(raw, self.fields, where)
+                row = validate_row(raw, self.fields, where, self.roles)
             except BadRowError as err:
                 if on_bad_row == "error":
                     raise
@@ -106,6 +175,11 @@ class FileSource(Source):
         coerce: read non-text values of the mapped fields as the Qwen2.5-Math evaluation harness does: a number
             as its text (AMC23's ``27.0`` → ``27``), a list as its first element (OlympiadBench's
             ``final_answer``). Off by default: a non-string field is then a bad row.
+        roles: ShareGPT speakers → roles, added to :data:`SHAREGPT_ROLES` (e.g. ``{bot: assistant}``).
+
+    Records are single-turn (``instruction``/``output``) or conversations: a ``messages`` (OpenAI: ``role``,
+    ``content``) or ``conversations`` (ShareGPT: ``from``, ``value``) list, or the column ``fields: {messages: …}``
+    names.
     """
 
     def __init__(
@@ -115,8 +189,10 @@ class FileSource(Source):
         system: str | None = None,
         limit: int | None = None,
         coerce: bool = False,
+        roles: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.roles = dict(roles or {})
         self.fields = dict(fields or {})
         self.system = system
         self.limit = limit
@@ -149,7 +225,7 @@ class FileSource(Source):
 
     def fingerprint(self) -> str:
         contents = [(path.name, _file_digest(path)) for path in self._files()]  # content, not size and mtime
-        return _digest("file", contents, self.fields, self.system, self.limit, self.coerce)
+        return _digest("file", contents, self.fields, self.system, self.limit, self.coerce, self.roles)
 
 
 def _as_text(value: Any) -> Any:
@@ -217,6 +293,10 @@ class HubSource(Source):
         limit: read at most this many rows.
         revision: a branch, tag or commit of the dataset repository (default: its main branch, resolved to the
             current commit when the hub is reachable, so an updated dataset is tokenized anew).
+        roles: ShareGPT speakers → roles, as for :class:`FileSource`.
+
+    Conversational datasets work as they are: ``allenai/tulu-3-sft-mixture`` rows (``id``, ``messages``,
+    ``source``) need no ``fields``.
     """
 
     def __init__(
@@ -228,7 +308,9 @@ class HubSource(Source):
         system: str | None = None,
         limit: int | None = None,
         revision: str | None = None,
+        roles: dict[str, str] | None = None,
     ) -> None:
+        self.roles = dict(roles or {})
         self.dataset, self.split, self.config_name = dataset, split, config_name
         self.fields = dict(fields or {})
         self.system = system
@@ -246,7 +328,9 @@ class HubSource(Source):
                 f"cannot load '{self.dataset}' from the Hugging Face hub ({type(err).__name__}: {err}). Offline? "
                 "Download it on a connected machine and read the files with deft_lightning.data.FileSource."
             ) from None
-        missing = [c for c in (self.fields.get(n, n) for n in REQUIRED_FIELDS) if c not in data.column_names]
+        conversation = conversation_column(dict.fromkeys(data.column_names), self.fields)
+        needed = [conversation] if conversation else [self.fields.get(n, n) for n in REQUIRED_FIELDS]
+        missing = [column for column in needed if column not in data.column_names]
         if missing:
             raise BadRowError(
                 f"'{self.dataset}' has no column(s) {missing}; its columns are {data.column_names} — "
@@ -261,7 +345,7 @@ class HubSource(Source):
             yield f"{self.dataset}[{self.split}] row {index}", raw
 
     def fingerprint(self) -> str:
-        settings = (self.dataset, self.split, self.config_name, self.fields, self.system, self.limit)
+        settings = (self.dataset, self.split, self.config_name, self.fields, self.system, self.limit, self.roles)
         return _digest("hub", *settings, self._commit())
 
     def _commit(self) -> str:
