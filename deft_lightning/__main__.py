@@ -1,4 +1,5 @@
-"""``python -m deft_lightning {fit,validate,test} --config <yaml>``; ``evaluate|analyze|sweep|prepare-model|bench``."""
+"""``python -m deft_lightning {fit,validate,test} --config <yaml>``, or one of ``evaluate``, ``analyze``, ``sweep``,
+``export``, ``prepare-model``, ``bench``."""
 
 import sys
 
@@ -19,6 +20,10 @@ elif command == "sweep":
     from deft_lightning.sweep import main as sweep_main
 
     sweep_main(sys.argv[2:])
+elif command == "export":
+    from deft_lightning.export import main as export_main
+
+    export_main(sys.argv[2:])
 elif command == "evaluate":
     from deft_lightning.evaluation.run import main as evaluate_main
 

@@ -12,7 +12,9 @@ python -m deft_lightning bench fit [--config configs/tiny.yaml] [--objectives NL
 python -m deft_lightning bench litgpt [--checkpoint-dir ...] [--steps 6]
     training tokens/s of `fit` (NLL and DEFT) vs `litgpt finetune_full` on the same model, data and batch.
 python -m deft_lightning bench generate [--checkpoint-dir ...] [--items 32] [--batch-sizes 1 16] [--samples 1]
-    generation tokens/s on FigFont test prompts (greedy, or n samples each) per batch size, ratio to the first.
+        [--backends litgpt hf]
+    generation tokens/s on FigFont test prompts (greedy, or n samples each) per backend and batch size, ratio to the
+    first.
 """
 
 from __future__ import annotations
@@ -354,45 +356,60 @@ def bench_litgpt(checkpoint_dir: str, data: str, steps: int, batch: int, micro: 
 
 
 def bench_generate(
-    checkpoint_dir: str, items: int, max_new_tokens: int, batch_sizes: list[int], device: str, rounds: int, samples: int
+    checkpoint_dir: str,
+    items: int,
+    max_new_tokens: int,
+    batch_sizes: list[int],
+    device: str,
+    rounds: int,
+    samples: int,
+    backends: list[str],
 ) -> None:
+    import tempfile
+
     import torch
 
     from deft_lightning.evaluation import FigFont
-    from deft_lightning.generation import SamplingConfig, generate
-    from deft_lightning.loading import inference_dtype, load_weights, resolve_device, resolve_model
+    from deft_lightning.evaluation.backends import load_generator
+    from deft_lightning.generation import SamplingConfig
+    from deft_lightning.loading import inference_dtype, resolve_device, resolve_model
     from deft_lightning.prompting import Prompter
 
     ref = resolve_model("model", checkpoint_dir)
     target = resolve_device(device)
     dtype = inference_dtype(target)
-    model = load_weights(ref, target, dtype)
+    export_dir = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    generators = {backend: load_generator(backend, ref, target, dtype, export_dir) for backend in backends}
     prompter = Prompter(ref.tokenizer_dir, ref.prompt_style)
     prompts = [prompter.prompt_ids(item.row) for item in FigFont(limit=items).items()]
-    generate(model, prompts[:2], prompter.tokenizer.eos_id, SamplingConfig(max_new_tokens=4))  # warm-up
-    times: dict[int, list[float]] = {size: [] for size in batch_sizes}
-    tokens: dict[int, int] = {}
-    for _ in range(rounds):  # interleaved, so machine noise hits every batch size alike
-        for size in batch_sizes:
+    eos = prompter.tokenizer.eos_id
+    for generator in generators.values():
+        generator(prompts[:2], eos, SamplingConfig(max_new_tokens=4))  # warm-up
+    temperature = 0.0 if samples == 1 else 1.0
+    cases = [(backend, size) for backend in backends for size in batch_sizes]
+    times: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
+    tokens: dict[tuple[str, int], int] = {}
+    for _ in range(rounds):  # interleaved, so machine noise hits every case alike
+        for backend, size in cases:
+            sampling = SamplingConfig(max_new_tokens, temperature, 1.0, samples, size)
             started = time.perf_counter()
-            outputs = generate(
-                model, prompts, prompter.tokenizer.eos_id, SamplingConfig(max_new_tokens, batch_size=size)
-            )
-            if device.startswith("cuda"):
+            outputs = generators[backend](prompts, eos, sampling)
+            if target.type == "cuda":
                 torch.cuda.synchronize()
-            times[size].append(time.perf_counter() - started)
-            tokens[size] = sum(len(sample) for o in outputs for sample in o)
+            times[backend, size].append(time.perf_counter() - started)
+            tokens[backend, size] = sum(len(sample) for o in outputs for sample in o)
     print(
         f"\ngeneration, {checkpoint_dir}, {items} FigFont test prompts "
         f"({min(map(len, prompts))}–{max(map(len, prompts))} tokens), "
         f"{'greedy' if samples == 1 else f'{samples} samples each at T = 1'}, ≤ {max_new_tokens} new tokens, "
         f"{dtype}, {device}, median of {rounds}"
     )
-    print(f"{'batch size':<12}{'new tokens':>11}{'seconds':>10}{'tokens/s':>10}{'× first':>9}")
-    base = tokens[batch_sizes[0]] / statistics.median(times[batch_sizes[0]])
-    for size in batch_sizes:
-        rate = tokens[size] / statistics.median(times[size])
-        print(f"{size:<12}{tokens[size]:>11}{statistics.median(times[size]):>10.2f}{rate:>10.1f}{rate / base:>9.2f}")
+    print(f"{'backend':<9}{'batch size':<12}{'new tokens':>11}{'seconds':>10}{'tokens/s':>10}{'× first':>9}")
+    base = tokens[cases[0]] / statistics.median(times[cases[0]])
+    for backend, size in cases:
+        seconds = statistics.median(times[backend, size])
+        rate = tokens[backend, size] / seconds
+        print(f"{backend:<9}{size:<12}{tokens[backend, size]:>11}{seconds:>10.2f}{rate:>10.1f}{rate / base:>9.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -437,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     gen.add_argument("--rounds", type=int, default=3)
     gen.add_argument("--samples", type=int, default=1, help="> 1: that many samples per prompt at temperature 1")
+    gen.add_argument("--backends", nargs="+", choices=["litgpt", "hf", "vllm"], default=["litgpt"])
     args = parser.parse_args(argv)
     if args.mode == "generate":
         bench_generate(
@@ -447,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
             args.device,
             args.rounds,
             args.samples,
+            args.backends,
         )
     elif args.mode == "loss":
         bench_loss(args.size, args.repeats, args.cases)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from deft_lightning.evaluation.benchmarks import Benchmark
 from deft_lightning.evaluation.run import run_benchmark
-from deft_lightning.generation import SamplingConfig
+from deft_lightning.generation import SamplingConfig, generate
 from deft_lightning.tables import format_table
 
 #: metrics shown at the first and the last step
@@ -107,6 +108,38 @@ class FitSummary(L.Callback):
         print("\n".join(sections), flush=True)
 
 
+class ExportOnFitEnd(L.Callback):
+    """At the end of a fit, writes the trained model to ``<run dir>/final/`` in ``format`` (``litgpt`` or ``hf``;
+    see :mod:`deft_lightning.export`), from a checkpoint of the final state. ``--export.format hf`` on the CLI.
+
+    Args:
+        format: ``null`` (default: no export), ``litgpt`` or ``hf``.
+        dtype: cast the exported weights (``bfloat16``, ``float16``, ``float32``; default: as trained).
+    """
+
+    def __init__(self, format: str | None = None, dtype: str | None = None) -> None:
+        from deft_lightning.export import DTYPES, FORMATS
+
+        if format is not None and format not in FORMATS:
+            raise ValueError(f"export.format must be one of {', '.join(FORMATS)} or null, got '{format}'")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"export.dtype must be one of {', '.join(DTYPES)} or null, got '{dtype}'")
+        self.format, self.dtype = format, dtype
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.format is None or trainer.interrupted:
+            return
+        from deft_lightning.export import export
+
+        run_dir = Path(trainer.default_root_dir)
+        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(checkpoint)  # the final state, whatever the checkpoint schedule (every rank)
+        if trainer.is_global_zero:
+            out = export(checkpoint, run_dir / "final", self.format, force=True, dtype=self.dtype)
+            print(f"exported the final model ({self.format}) to {out}", flush=True)
+        trainer.strategy.barrier("export")
+
+
 class TrainingThroughput(L.Callback):
     """Prints ``{"tokens": non-padding tokens trained on, "seconds": training wall time}`` as JSON when training
     ends (first step included), for throughput comparisons with other trainers (``bench litgpt``)."""
@@ -196,7 +229,7 @@ class BenchmarkValidation(L.Callback):
         logged = {}
         for benchmark in self.benchmarks:
             metrics, _, throughput = run_benchmark(
-                pl_module.model,
+                functools.partial(generate, pl_module.model),
                 trainer.datamodule.prompter,
                 benchmark,
                 self.items[benchmark.name],

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from deft_lightning.callbacks import FitSummary
+from deft_lightning.callbacks import ExportOnFitEnd, FitSummary
 from deft_lightning.checkpointing import (
     AtomicCheckpointIO,
     ContinuousMetricsLog,
@@ -40,6 +40,7 @@ class RunError(SystemExit):
 class DeftCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FitSummary, "summary")
+        parser.add_lightning_class_args(ExportOnFitEnd, "export")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -12,7 +12,8 @@ from its own generator seeded by ``(seeds[i], k)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -87,7 +88,7 @@ class _Sampler:
         return torch.cat(tokens)
 
 
-def _generate_batch(model: GPT, prompts: list[list[int]], eos_id: int, sampler: _Sampler, max_new: int) -> list:
+def _generate_batch(model: GPT, eos_id: int, prompts: list[list[int]], sampler: _Sampler, max_new: int) -> list:
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     longest = int(lengths.max())
@@ -113,6 +114,44 @@ def _generate_batch(model: GPT, prompts: list[list[int]], eos_id: int, sampler: 
     return completions
 
 
+#: ``run_batch(prompts, sampler, max_new_tokens) -> completions``: one batch of requests through some model
+BatchFn = Callable[[list[list[int]], "_Sampler", int], list[list[int]]]
+
+
+def generate_batched(
+    run_batch: BatchFn,
+    prompts: list[list[int]],
+    sampling: SamplingConfig,
+    seeds: list[int] | None,
+    progress: str | None,
+    device: torch.device,
+) -> list[list[list[int]]]:
+    """The requests (``num_samples`` per prompt) sorted by prompt length so a batch needs little padding, each
+    batch decoded by ``run_batch`` with its own per-request sampler; shared by every generation backend."""
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty")
+    requests = sorted(
+        ((i, k) for i in range(len(prompts)) for k in range(sampling.num_samples)), key=lambda r: len(prompts[r[0]])
+    )
+    outputs: list[list[list[int]]] = [[[] for _ in range(sampling.num_samples)] for _ in prompts]
+    bar = tqdm(total=len(requests), desc=progress, unit="seq", disable=progress is None, dynamic_ncols=True)
+    try:
+        for start in range(0, len(requests), sampling.batch_size):
+            batch = requests[start : start + sampling.batch_size]
+            sampler = _Sampler(sampling, [_sample_seed(seeds[i], k) for i, k in batch], device)
+            completions = run_batch([prompts[i] for i, _ in batch], sampler, sampling.max_new_tokens)
+            for (i, k), completion in zip(batch, completions, strict=True):
+                outputs[i][k] = completion
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return outputs
+
+
 @torch.no_grad()  # not inference_mode: the rope cache rebuilt here must stay usable by autograd
 def generate(
     model: GPT,
@@ -128,39 +167,19 @@ def generate(
         seeds: one seed per prompt for sampling (default: the prompt's index); ignored when greedy.
         progress: show a progress bar with this description.
     """
-    seeds = list(range(len(prompts))) if seeds is None else seeds
-    if len(seeds) != len(prompts):
-        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     for index, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompt {index} is empty")
         if len(prompt) + sampling.max_new_tokens > model.config.block_size:
             raise ValueError(
                 f"prompt {index} has {len(prompt)} tokens; with {sampling.max_new_tokens} new tokens that "
                 f"exceeds the model's block_size {model.config.block_size}"
             )
-    # requests sorted by prompt length, so a batch's rows need little padding
-    requests = sorted(
-        ((i, k) for i in range(len(prompts)) for k in range(sampling.num_samples)), key=lambda r: len(prompts[r[0]])
-    )
-    outputs: list[list[list[int]]] = [[[] for _ in range(sampling.num_samples)] for _ in prompts]
     was_training, device = model.training, next(model.parameters()).device
     original_max_seq_length = model.max_seq_length
     model.eval()
-    bar = tqdm(total=len(requests), desc=progress, unit="seq", disable=progress is None, dynamic_ncols=True)
     try:
-        for start in range(0, len(requests), sampling.batch_size):
-            batch = requests[start : start + sampling.batch_size]
-            sampler = _Sampler(sampling, [_sample_seed(seeds[i], k) for i, k in batch], device)
-            completions = _generate_batch(
-                model, [prompts[i] for i, _ in batch], eos_id, sampler, sampling.max_new_tokens
-            )
-            for (i, k), completion in zip(batch, completions, strict=True):
-                outputs[i][k] = completion
-            bar.update(len(batch))
+        run_batch = functools.partial(_generate_batch, model, eos_id)
+        return generate_batched(run_batch, prompts, sampling, seeds, progress, device)
     finally:
-        bar.close()
         model.clear_kv_cache()
         _set_max_seq_length(model, original_max_seq_length)
         model.train(was_training)
-    return outputs

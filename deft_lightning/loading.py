@@ -26,10 +26,19 @@ class ModelRef:
     prompt_style: str
     system_prompt: str | None
     config: Any  # litgpt Config
+    #: the LitGPT checkpoint directory the weights started from (its ``config.json`` describes the architecture)
+    base_dir: Path | None = None
 
     def fingerprint(self) -> list[Any]:
-        stat = self.path.stat() if self.path.is_file() else (self.path / "lit_model.pth").stat()
+        inner = "meta.pt" if is_sharded(self.path) else "lit_model.pth"
+        stat = (self.path if self.path.is_file() else self.path / inner).stat()
         return [str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, str(self.tokenizer_dir), self.prompt_style]
+
+
+def is_sharded(path: Path) -> bool:
+    """A sharded fit checkpoint: a directory of ``torch.distributed.checkpoint`` shards plus Lightning's ``meta.pt``
+    (FSDP2, or FSDP1 with ``state_dict_type: sharded``)."""
+    return path.is_dir() and (path / "meta.pt").is_file()
 
 
 def _run_settings(checkpoint: Path) -> dict[str, Any]:
@@ -55,13 +64,15 @@ def resolve_model(
     if not name or re.search(r"[/\\,\s]", name):
         raise ValueError(f"model name '{name}' must not contain '/', '\\', ',' or whitespace (it names files)")
     settings: dict[str, Any] = {}
-    if path.is_dir():
+    base = None
+    if path.is_dir() and not is_sharded(path):
         validate_checkpoint_dir(path, ("lit_model.pth", "model_config.yaml"))
         config = resolve_model_config(None, None, path)
-        default_tokenizer = path
-    elif path.is_file() and path.suffix == ".ckpt":
+        default_tokenizer = base = path
+    elif (path.is_file() and path.suffix == ".ckpt") or is_sharded(path):
         try:
-            hparams = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
+            metadata = path / "meta.pt" if is_sharded(path) else path
+            hparams = torch.load(metadata, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
         except Exception as err:
             raise CheckpointError(f"cannot read '{path}' as a fit checkpoint ({type(err).__name__}: {err})") from None
         settings = _run_settings(path)
@@ -79,21 +90,44 @@ def resolve_model(
     if tokenizer is None or not (Path(tokenizer) / "tokenizer.json").is_file():
         raise CheckpointError(f"model '{name}': no tokenizer.json found for '{path}'; set tokenizer_dir")
     style = prompt_style or settings.get("prompt_style") or CHAT_TEMPLATE
-    return ModelRef(name, path, Path(tokenizer), style, settings.get("system_prompt"), config)
+    base_dir = Path(base) if base is not None else None
+    return ModelRef(name, path, Path(tokenizer), style, settings.get("system_prompt"), config, base_dir)
+
+
+def read_state_dict(ref: ModelRef) -> dict[str, torch.Tensor]:
+    """The GPT's weights (LitGPT names) from a checkpoint directory, a fit's ``.ckpt`` or a sharded fit checkpoint
+    (read on one process, model weights only)."""
+    from deft_lightning.prepare_model import CheckpointError, load_state_dict
+
+    if ref.path.is_file():
+        full = torch.load(ref.path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+        return {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+    if not is_sharded(ref.path):
+        return load_state_dict(ref.path)
+    from litgpt import GPT
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    reader = FileSystemReader(ref.path)
+    keys = reader.read_metadata().state_dict_metadata
+    group = "state_dict" if any(key.startswith("state_dict.") for key in keys) else "model"  # FSDP2 / FSDP1
+    with torch.device("meta"):
+        template = GPT(ref.config)
+    template = template.to_empty(device="cpu").state_dict()
+    state = {group: {f"model.{name}": tensor for name, tensor in template.items()}}
+    try:
+        load(state, storage_reader=reader, no_dist=True)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"cannot read the sharded checkpoint '{ref.path}' ({reason})") from None
+    return {name.removeprefix("model."): tensor for name, tensor in state[group].items()}
 
 
 def load_weights(ref: ModelRef, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from litgpt import GPT
 
-    from deft_lightning.prepare_model import load_state_dict
-
     with torch.device("meta"):
         model = GPT(ref.config)
-    if ref.path.is_dir():
-        state = load_state_dict(ref.path)
-    else:
-        full = torch.load(ref.path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
-        state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+    state = read_state_dict(ref)
     model = model.to_empty(device=device)
     model.load_state_dict(state)
     model.reset_parameters()  # GPT's own: rebuilds the rope cache (a buffer, not in the state dict)

@@ -190,6 +190,17 @@ def write_tokenizer_files(staging: Path, meta: dict) -> None:
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
+def replace_directory(staging: Path, out: Path) -> None:
+    """Put the complete directory ``staging`` at ``out`` (a sibling), replacing what is there only at the end."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
 def prepare_model(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     """Build the LitGPT checkpoint of the embedded default model at ``out`` unless a valid one is there."""
     out = Path(out)
@@ -213,13 +224,7 @@ def prepare_model(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
             "seconds": round(time.perf_counter() - started, 1),
         }
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # written last: marks completeness
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out)
+        replace_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s")

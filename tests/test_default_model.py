@@ -133,3 +133,39 @@ def test_three_turn_conversation_trains_exactly_the_assistant_turns(checkpoint_d
     for message in messages[1::2]:
         expected += [*reference.encode(message["content"], add_special_tokens=False), end]
     assert [token for token, keep in zip(ids, trained, strict=True) if keep] == expected
+
+
+def test_export_of_a_smollm2_fine_tune_unties_its_heads_and_keeps_its_logits(checkpoint_dir, tmp_path):
+    """2 DEFT steps of SmolLM2 (tied in Hugging Face, untied by LitGPT): the heads now differ, so the export says
+    tie_word_embeddings: false and keeps both; transformers' logits equal the module's."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from deft_lightning.export import export
+    from deft_lightning.loading import load_weights, resolve_model
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "deft_lightning", "fit", "--config", str(root / "configs/quickstart.yaml"),
+        "--trainer.max_steps=2", "--data.init_args.batch_size=2", "--model.micro_batch_size=2",
+        "--summary.predictions=0", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}",
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    started = time.perf_counter()
+    out = export(run / "checkpoints/last.ckpt", tmp_path / "hf", "hf")
+    seconds, size = time.perf_counter() - started, sum(p.stat().st_size for p in out.iterdir())
+    print(f"SmolLM2 export: {seconds:.1f} s, {size / 2**20:.0f} MiB")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    ids = torch.tensor([Prompter(out, "chat_template").prompt_ids(EXAMPLES[0])])
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    module = load_weights(resolve_model("m", run / "checkpoints/last.ckpt"), torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        assert (hf(ids).logits - module(ids)).abs().max().item() <= 1e-4

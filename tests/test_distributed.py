@@ -85,6 +85,14 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, single, strategy):
     norms = [rank_norms(run_dir, rank) for rank in range(2)]
     assert sorted(norms[0]) == list(range(12)) and norms[0] == norms[1]
     assert list(norms[0].values()) == pytest.approx(list(rank_norms(single, 0).values()), rel=2e-4)
+    # the sharded checkpoint exports (one process reads the shards) to the weights one process trained
+    from deft_lightning.export import export
+    from deft_lightning.loading import read_state_dict, resolve_model
+
+    exported = export(run_dir / "checkpoints/last.ckpt", tmp_path / "export", "litgpt")
+    sharded = read_state_dict(resolve_model("m", exported))
+    for name, want in read_state_dict(resolve_model("m", single / "checkpoints/last.ckpt")).items():
+        assert (sharded[name] - want).norm() <= 1e-3 * want.norm(), name
 
 
 def test_fsdp2_fused_equals_plain_tied_and_untied(tmp_path):

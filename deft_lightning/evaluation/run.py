@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
+from deft_lightning.evaluation.backends import BACKENDS, Backend, Generator, load_generator, require_vllm
 from deft_lightning.evaluation.benchmarks import Benchmark, Item
-from deft_lightning.generation import generate
-from deft_lightning.loading import load_weights, resolve_device, resolve_model
+from deft_lightning.loading import resolve_device, resolve_model
 from deft_lightning.prompting import Prompter
 from deft_lightning.tables import format_table
 
@@ -42,7 +42,7 @@ def _digest(value: Any) -> str:
 
 
 def run_benchmark(
-    model: torch.nn.Module,
+    generator: Generator,
     prompter: Prompter,
     benchmark: Benchmark,
     items: list[Item],
@@ -53,13 +53,13 @@ def run_benchmark(
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, float]]:
     """Generate, score and aggregate one benchmark: ``(metrics, per-item records, throughput)``.
 
-    ``prompts``: the items' prompt ids when already rendered by ``prompter``.
+    ``generator``: a generation backend (:mod:`deft_lightning.evaluation.backends`), e.g.
+    ``functools.partial(generate, model)``. ``prompts``: the items' prompt ids when already rendered by ``prompter``.
     """
     prompts = prompts or [prompter.prompt_ids(item.row) for item in items]
     sampling = benchmark.sampling(batch_size)
     started = time.perf_counter()
-    outputs = generate(
-        model,
+    outputs = generator(
         prompts,
         prompter.tokenizer.eos_id,
         sampling,
@@ -150,6 +150,7 @@ def evaluate(
     tokenizer_dir: Path | None = None,
     prompt_style: str | None = None,
     reuse: bool = True,
+    backend: Backend = "litgpt",
 ) -> dict[str, Any]:
     """Evaluate every model on every benchmark and write the results (see the module docstring).
 
@@ -163,7 +164,14 @@ def evaluate(
         precision: ``32-true`` or ``bf16-true``; default bf16 on CUDA, fp32 on CPU.
         tokenizer_dir, prompt_style: override what is read from each model's checkpoint or run directory.
         reuse: reuse cells of an earlier run in ``out_dir`` whose key is unchanged.
+        backend: ``litgpt`` (default), ``hf`` (transformers on an exported directory) or ``vllm`` (GPU hosts, an
+            optional extra); same prompts, seeds, sampling settings and scorers (see
+            :mod:`deft_lightning.evaluation.backends`).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"evaluate: backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    if backend == "vllm":
+        require_vllm()
     if not models:
         raise ValueError("evaluate: no models given (models: {name: checkpoint dir or .ckpt})")
     if not benchmarks:
@@ -216,18 +224,18 @@ def evaluate(
 
     for ref in refs:
         prompt_format = (ref.tokenizer_dir, ref.prompt_style, ref.system_prompt)
-        model = None
+        generator = None
         for benchmark in benchmarks:
             sampling = benchmark.sampling(batch_size)
-            key = _digest([ref.fingerprint(), ref.system_prompt, benchmark.spec(), sampling, seed, precision])
+            key = _digest([ref.fingerprint(), ref.system_prompt, benchmark.spec(), sampling, seed, precision, backend])
             generations = Path("generations") / ref.name / f"{benchmark.name}.jsonl"
             if key in earlier and (out_dir / generations).is_file():
                 cells.append({**earlier[key], "reused": True})
                 continue
-            if model is None:
-                model = load_weights(ref, device_, dtypes[precision])
+            if generator is None:
+                generator = load_generator(backend, ref, device_, dtypes[precision], out_dir / "exported")
             metrics, records, throughput = run_benchmark(
-                model,
+                generator,
                 prompters[prompt_format],
                 benchmark,
                 items[benchmark.name],
@@ -248,6 +256,7 @@ def evaluate(
                     "sampling": vars(sampling),
                     "seed": seed,
                     "precision": precision,
+                    "backend": backend,
                     "device": str(device_),
                     **throughput,
                     "generations": str(generations),
@@ -255,7 +264,7 @@ def evaluate(
                 }
             )
             save()
-        del model
+        del generator
     save()
     csv_lines = ["model,suite,benchmark,metric,value"]
     for cell in cells:
@@ -287,5 +296,5 @@ def parse_config(argv: list[str] | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     try:
         evaluate(**parse_config(argv))
-    except (ValueError, FileNotFoundError, ConnectionError) as err:  # bad input: a message, not a traceback
+    except (ValueError, FileNotFoundError, ConnectionError, ImportError) as err:  # bad input: a message
         raise SystemExit(f"error: {err}") from None
