@@ -1,34 +1,26 @@
 """``python -m deft_lightning {fit,validate,test} --config <yaml>``, or one of ``evaluate``, ``analyze``, ``sweep``,
-``export``, ``prepare-model``, ``bench``."""
+``export``, ``prepare-model``, ``bench``. Expected failures print ``error: …`` and exit with status 2
+(:mod:`deft_lightning.errors`; ``--debug`` shows the traceback)."""
 
+import importlib
 import sys
 
+from deft_lightning.errors import run_command
+
+#: subcommand → the module whose ``main(argv)`` runs it; anything else goes to LightningCLI (fit, validate, ...)
+COMMANDS = {
+    "prepare-model": "deft_lightning.prepare_model",
+    "bench": "deft_lightning.bench",
+    "analyze": "deft_lightning.analysis.run",
+    "sweep": "deft_lightning.sweep",
+    "export": "deft_lightning.export",
+    "evaluate": "deft_lightning.evaluation.run",
+}
+
 command = sys.argv[1] if len(sys.argv) > 1 else None
-if command == "prepare-model":
-    from deft_lightning.prepare_model import main as prepare_model_main
-
-    prepare_model_main(sys.argv[2:])
-elif command == "bench":
-    from deft_lightning.bench import main as bench_main
-
-    bench_main(sys.argv[2:])
-elif command == "analyze":
-    from deft_lightning.analysis.run import main as analyze_main
-
-    analyze_main(sys.argv[2:])
-elif command == "sweep":
-    from deft_lightning.sweep import main as sweep_main
-
-    sweep_main(sys.argv[2:])
-elif command == "export":
-    from deft_lightning.export import main as export_main
-
-    export_main(sys.argv[2:])
-elif command == "evaluate":
-    from deft_lightning.evaluation.run import main as evaluate_main
-
-    evaluate_main(sys.argv[2:])
+if command in COMMANDS:
+    run_command(importlib.import_module(COMMANDS[command]).main, sys.argv[2:])
 else:
     from deft_lightning.cli import main
 
-    main()
+    run_command(lambda argv: main(argv), sys.argv[1:])

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from deft_lightning.errors import CommandError
+
 SIZES = {
     "smollm2": (4096, 576, 49_152),
     "qwen1.5b": (8192, 1536, 151_936),
@@ -230,7 +232,7 @@ def bench_fit(
             ]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
-                raise SystemExit(f"fit failed ({objective}, {path}, {variant}):\n{result.stderr[-3000:]}")
+                raise CommandError(f"fit failed ({objective}, {path}, {variant}):\n{result.stderr[-3000:]}")
             samples[objective, path, variant].append(
                 [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(devices)]
             )
@@ -308,7 +310,7 @@ def bench_litgpt(checkpoint_dir: str, data: str, steps: int, batch: int, micro: 
         text=True,
     )
     if litgpt.returncode != 0:
-        raise SystemExit(f"litgpt finetune_full failed:\n{litgpt.stderr[-2000:]}")
+        raise CommandError(f"litgpt finetune_full failed:\n{litgpt.stderr[-2000:]}")
     tokens = int(re.search(r"Tokens w/ Prompt\s*:\s*(\d+)", litgpt.stdout).group(1))
     seconds = float(re.search(r"Training Time\s*:\s*([\d.]+)", litgpt.stdout).group(1))
     rows = [("litgpt finetune_full (NLL)", tokens, seconds)]
@@ -342,7 +344,7 @@ def bench_litgpt(checkpoint_dir: str, data: str, steps: int, batch: int, micro: 
             text=True,
         )
         if ours.returncode != 0:
-            raise SystemExit(f"fit failed:\n{ours.stderr[-2000:]}")
+            raise CommandError(f"fit failed:\n{ours.stderr[-2000:]}")
         result = json.loads([line for line in ours.stdout.splitlines() if line.startswith('{"tokens"')][-1])
         rows.append((f"deft_lightning fit ({objective})", result["tokens"], result["seconds"]))
     base = rows[0][1] / rows[0][2]

@@ -31,41 +31,66 @@ TRACKED = (
 
 
 class FitSummary(L.Callback):
-    """At the end of a fit, prints a table: steps, time, tokens/s, metrics at the first and last step, and —
-    with ``predictions > 0`` — greedy predictions for that many training prompts before and after training.
+    """At the end of a fit, prints a table: steps, time, precision, tokens/s, metrics at the first and last step;
+    with ``heldout``, a benchmark scored before and after training; with ``predictions > 0``, that many greedy
+    answers before and after (of the held-out items, else of training prompts).
 
     Args:
         enabled: print the summary.
-        predictions: number of training examples to decode before and after the fit (0: none).
-        max_new_tokens: generation budget for those predictions.
+        predictions: number of answers to show before and after the fit (0: none).
+        max_new_tokens: generation budget for the training-prompt predictions.
+        heldout: a benchmark of items the fit does not train on (e.g. ``deft_lightning.evaluation.FigFont`` with
+            ``init_args: {start: 40000, limit: 16}``): its metrics and the teacher-forced NLL and p of its
+            reference answers, before and after. Single-process fits only (generation needs the whole model).
     """
 
-    def __init__(self, enabled: bool = True, predictions: int = 0, max_new_tokens: int = 16) -> None:
+    def __init__(
+        self, enabled: bool = True, predictions: int = 0, max_new_tokens: int = 16, heldout: Benchmark | None = None
+    ) -> None:
         self.enabled = enabled
         self.predictions = predictions
         self.max_new_tokens = max_new_tokens
+        self.heldout = heldout
+        self.precision_reason = ""  # set by the CLI when it chose the precision
         self._started = 0.0
         self._first: dict[str, float] = {}
-        self._before: list[str] = []
+        self._before: tuple[dict[str, float], list[str]] = ({}, [])
 
-    def _predict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[dict[str, float], list[str]]:
+        """Held-out metrics (if any) and the answers to show."""
         datamodule = trainer.datamodule
-        rows = datamodule.examples("train", self.predictions)
         prompter = datamodule.prompter
-        prompts = [prompter.prompt_ids(row) for row in rows]
-        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, batch_size=len(prompts))
-        outputs = pl_module.generate(prompts, prompter.tokenizer.eos_id, sampling)
-        return [prompter.decode(samples[0]) for samples in outputs]
+        if self.heldout is None:
+            rows = datamodule.examples("train", self.predictions)
+            prompts = [prompter.prompt_ids(row) for row in rows]
+            sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, batch_size=len(prompts))
+            outputs = pl_module.generate(prompts, prompter.tokenizer.eos_id, sampling)
+            return {}, [prompter.decode(samples[0]) for samples in outputs]
+        from deft_lightning.analysis.tokens import token_statistics
+        from deft_lightning.statistics import NO_STATS
 
-    def _wants_predictions(self, trainer: L.Trainer) -> bool:
+        items = self.heldout.items()
+        generator = functools.partial(generate, pl_module.model)
+        metrics, records, _ = run_benchmark(generator, prompter, self.heldout, items, 0, 16)
+        answers = [{**item.row, "output": str(item.reference)} for item in items]
+        stats = token_statistics(pl_module.model, prompter, answers, NO_STATS, pl_module.config.block_size)
+        metrics = {"nll": float(-stats.logp.mean()), "p": float(stats.prob.mean()), **metrics}
+        return metrics, [record["samples"][0]["output"] for record in records[: self.predictions]]
+
+    def _targets(self, trainer: L.Trainer) -> list[str]:
+        if self.heldout is None:
+            return [row["output"] for row in trainer.datamodule.examples("train", self.predictions)]
+        return [str(item.reference) for item in self.heldout.items()[: self.predictions]]
+
+    def _measures(self, trainer: L.Trainer) -> bool:
         # generation runs on one process; a sharded model would need every rank in each forward
-        single = trainer.world_size == 1
-        return self.enabled and self.predictions > 0 and single and hasattr(trainer.datamodule, "examples")
+        wanted = self.heldout is not None or self.predictions > 0
+        return self.enabled and wanted and trainer.world_size == 1 and hasattr(trainer.datamodule, "prompter")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
-        if self._wants_predictions(trainer) and trainer.is_global_zero:
-            self._before = self._predict(trainer, pl_module)
+        if self._measures(trainer) and trainer.is_global_zero:
+            self._before = self._measure(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if not self._first and trainer.global_step >= 1:
@@ -82,10 +107,12 @@ class FitSummary(L.Callback):
 
     def _print(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> None:
         last = self._scalars(trainer)
+        precision = str(trainer.precision) + (f" ({self.precision_reason})" if self.precision_reason else "")
         facts = [
             ("objective", repr(getattr(pl_module, "objective", "-"))),
             ("optimizer steps", str(trainer.global_step)),
             ("skipped steps (non-finite grad)", str(getattr(pl_module, "skipped_steps", 0))),
+            ("precision", precision),
             ("wall time", f"{time.perf_counter() - self._started:.1f} s"),
         ]
         if log_dir:
@@ -100,10 +127,14 @@ class FitSummary(L.Callback):
         others = [(n, f"{v:.4g}") for n, v in sorted(last.items()) if n not in tracked]
         if others:
             sections += ["", format_table(("metric", "final"), others)]
-        if self._wants_predictions(trainer):
-            after = self._predict(trainer, pl_module)
-            targets = [row["output"] for row in trainer.datamodule.examples("train", self.predictions)]
-            rows = [(t, repr(b), repr(a)) for t, b, a in zip(targets, self._before, after, strict=True)]
+        if self._measures(trainer):
+            (before, answers_before), (after, answers_after) = self._before, self._measure(trainer, pl_module)
+            if self.heldout is not None:
+                name = f"held-out {self.heldout.name} ({len(self.heldout.items())} items, greedy)"
+                rows = [(metric, f"{before[metric]:.4g}", f"{after[metric]:.4g}") for metric in after]
+                sections += ["", format_table((name, "before", "after"), rows)]
+            answers = zip(self._targets(trainer), answers_before, answers_after, strict=True)
+            rows = [(target, repr(b), repr(a)) for target, b, a in answers]
             sections += ["", format_table(("target", "before (greedy)", "after (greedy)"), rows)]
         print("\n".join(sections), flush=True)
 
@@ -138,6 +169,23 @@ class ExportOnFitEnd(L.Callback):
             out = export(checkpoint, run_dir / "final", self.format, force=True, dtype=self.dtype)
             print(f"exported the final model ({self.format}) to {out}", flush=True)
         trainer.strategy.barrier("export")
+
+
+def step_progress_bar() -> L.Callback:
+    """Lightning's default progress bar, without the "Epoch 0/-2" that a fit bounded by max_steps shows."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    if not _RICH_AVAILABLE:
+        return TQDMProgressBar()
+
+    class StepProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+                return super()._get_train_description(current_epoch)
+            return f"Epoch {current_epoch} (step limit {self.trainer.max_steps})"
+
+    return StepProgressBar()
 
 
 class TrainingThroughput(L.Callback):

@@ -126,3 +126,26 @@ class ContinuousMetricsLog(L.Callback):
 def existing_checkpoints(directory: Path) -> list[Path]:
     fs = get_filesystem(str(directory))
     return sorted(Path(p) for p in fs.glob(f"{directory}/*.ckpt")) if fs.isdir(str(directory)) else []
+
+
+def check_resumable(path: Path) -> None:
+    """Fail fast, with a message, when the checkpoint to resume from is missing, truncated or not a checkpoint."""
+    import zipfile
+
+    from deft_lightning.prepare_model import CheckpointError
+
+    if path.is_dir():  # sharded: Lightning's metadata plus torch.distributed.checkpoint's index
+        missing = [name for name in ("meta.pt", ".metadata") if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(f"'{path}' is not a complete sharded checkpoint (no {', '.join(missing)})")
+        return
+    if not path.is_file():
+        raise CheckpointError(f"--ckpt_path: '{path}' does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.save's format; a truncated file has no central directory
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(
+            f"'{path}' is truncated or corrupt ({err}); resume from another checkpoint with --ckpt_path <file> "
+            f"(e.g. the periodic step=N.ckpt beside it) or start a new run with --trainer.default_root_dir"
+        ) from None

@@ -16,25 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from deft_lightning.callbacks import ExportOnFitEnd, FitSummary
+from deft_lightning.callbacks import ExportOnFitEnd, FitSummary, step_progress_bar
 from deft_lightning.checkpointing import (
     AtomicCheckpointIO,
     ContinuousMetricsLog,
     PreemptionCheckpoint,
     RandomStates,
     RunLogger,
+    check_resumable,
     existing_checkpoints,
 )
+from deft_lightning.errors import CommandError
 from deft_lightning.model import DeftModule
 
 
-class RunError(SystemExit):
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
+def resolve_precision(accelerator: Any, cuda_available: bool, bf16_supported: bool) -> tuple[str, str]:
+    """The precision a config that leaves ``trainer.precision`` out gets, and why: ``bf16-mixed`` on a CUDA GPU
+    with bf16, else ``32-true`` (bf16 on CPUs is ~25× slower; fp16 needs loss scaling, which the module lacks)."""
+    on_gpu = str(accelerator) in ("auto", "gpu", "cuda") and cuda_available
+    if on_gpu and bf16_supported:
+        return "bf16-mixed", "chosen: a CUDA GPU with bf16"
+    if on_gpu:
+        return "32-true", "chosen: this GPU has no bf16 (fp16 would need loss scaling)"
+    return "32-true", "chosen: CPU (bf16 is far slower there)"
 
 
 class DeftCLI(LightningCLI):
@@ -63,6 +71,18 @@ class DeftCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         root = self.run_dir()
         config["default_root_dir"] = str(root)
+        if config.get("precision") is None:  # left out of the config: by device
+            import torch
+
+            cuda = torch.cuda.is_available()
+            config["precision"], reason = resolve_precision(
+                config.get("accelerator", "auto"), cuda, cuda and torch.cuda.is_bf16_supported()
+            )
+            for callback in callbacks:
+                if isinstance(callback, FitSummary):
+                    callback.precision_reason = reason
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(step_progress_bar())
         if config.get("logger") in (None, True):
             config["logger"] = RunLogger(root)
         plugins = config.get("plugins") or []
@@ -88,7 +108,7 @@ class DeftCLI(LightningCLI):
             settings["ckpt_path"] = str(last) if last.exists() else None  # a directory when sharded
         elif settings.get("ckpt_path") == "last":
             if not last.exists():
-                raise RunError(
+                raise CommandError(
                     f"--ckpt_path last: no {last} to resume from; start the run without --ckpt_path, "
                     "or use --ckpt_path auto to resume only if a checkpoint exists"
                 )
@@ -96,10 +116,12 @@ class DeftCLI(LightningCLI):
         elif (
             settings.get("ckpt_path") is None and self.trainer.checkpoint_callback and existing_checkpoints(checkpoints)
         ):
-            raise RunError(
+            raise CommandError(
                 f"{checkpoints} already holds checkpoints of an earlier run; resume it with --ckpt_path last "
                 "(or --ckpt_path auto), or start a new run with --trainer.default_root_dir <new dir>"
             )
+        if settings.get("ckpt_path"):
+            check_resumable(Path(settings["ckpt_path"]))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> DeftCLI:
@@ -111,7 +133,7 @@ def main(args: list[str] | None = None, run: bool = True) -> DeftCLI:
         seed_everything_default=1,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"precision": "32-true"},
+        trainer_defaults={"precision": None},  # None: chosen by device (resolve_precision)
         args=args,
         run=run,
     )

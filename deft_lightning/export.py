@@ -211,9 +211,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer-dir", type=Path, help="default: the fit's data.tokenizer_dir")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    try:
-        out = export(args.checkpoint, args.out, args.format, args.force, args.dtype, args.tokenizer_dir)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    out = export(args.checkpoint, args.out, args.format, args.force, args.dtype, args.tokenizer_dir)
     size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
     print(f"wrote {out} ({args.format}, {size / 2**20:.0f} MiB) in {time.perf_counter() - started:.1f} s")

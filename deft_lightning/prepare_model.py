@@ -240,7 +240,4 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory to write")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid checkpoint exists")
     args = parser.parse_args(argv)
-    try:
-        prepare_model(args.out, args.force)
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}") from None
+    prepare_model(args.out, args.force)

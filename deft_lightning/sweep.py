@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from deft_lightning.errors import CommandError
+
 GRID_KEYS = {"out_dir", "seeds", "fit", "backbones", "objectives", "regimes", "evaluate"}
 
 
@@ -244,5 +246,5 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run_sweep(args.config, args.regimes, args.objectives, args.dry_run)
-    except (GridError, ValueError, FileNotFoundError, RuntimeError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except RuntimeError as err:  # a cell's fit or evaluation failed; its output says why
+        raise CommandError(str(err)) from None

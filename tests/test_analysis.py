@@ -158,7 +158,7 @@ def test_probabilities_and_forgetting_commands_on_a_constructed_pair(tmp_path, t
 def test_mismatched_tokenizers_are_refused(tmp_path, two_models):
     other = write_tiny_checkpoint(tmp_path / "c")
     (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text() + "\n")  # any byte difference
-    with pytest.raises(SystemExit, match="different tokenizers"):
+    with pytest.raises(ValueError, match="different tokenizers"):
         analyze(analysis_args(tmp_path, "forgetting", "--before", str(two_models[0]), "--after", str(other)))
 
 
@@ -175,7 +175,7 @@ def test_trajectory_from_a_metrics_log(tmp_path):
         ("1", "0.3", "0.4"),
         ("2", "0.5", "0.6"),
     ]
-    with pytest.raises(SystemExit, match="metrics.csv not found"):
+    with pytest.raises(FileNotFoundError, match="metrics.csv not found"):
         analyze(["trajectory", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
 
 

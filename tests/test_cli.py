@@ -199,3 +199,46 @@ def test_regime_validation_items_are_held_out_from_evaluation():
         val = yaml.safe_load((ROOT / f"configs/{regime}.yaml").read_text())["data"]["init_args"]["val"]
         held_out = {row["instruction"] for row in build(val).rows(RowReport())}
         assert held_out and not held_out & evaluated, regime
+
+
+def test_precision_is_chosen_by_the_device():
+    from deft_lightning.cli import resolve_precision
+
+    assert resolve_precision("auto", cuda_available=True, bf16_supported=True)[0] == "bf16-mixed"
+    assert resolve_precision("gpu", cuda_available=True, bf16_supported=True)[0] == "bf16-mixed"
+    assert resolve_precision("auto", cuda_available=True, bf16_supported=False)[0] == "32-true"  # no fp16
+    assert resolve_precision("cpu", cuda_available=True, bf16_supported=True)[0] == "32-true"
+    assert resolve_precision("auto", cuda_available=False, bf16_supported=False)[0] == "32-true"
+
+
+def test_shipped_configs_run_here_in_fp32_and_an_explicit_precision_wins(tmp_path, capsys):
+    cli = main(fit_args(tmp_path, steps=2))
+    assert cli.trainer.precision == "32-true"
+    assert "32-true (chosen: CPU" in capsys.readouterr().out  # the fit summary says why
+    explicit = main(fit_args(tmp_path / "b", "--trainer.precision=bf16-mixed", steps=1))
+    assert explicit.trainer.precision == "bf16-mixed"
+
+
+def test_progress_bar_names_the_step_limit_not_epoch_minus_two():
+    from types import SimpleNamespace
+
+    from deft_lightning.callbacks import step_progress_bar
+
+    bar = step_progress_bar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=24)
+    assert bar._get_train_description(0).strip() == "Epoch 0 (step limit 24)"
+
+
+def test_fit_summary_scores_held_out_items_before_and_after(tmp_path, capsys):
+    heldout = (
+        '{"class_path": "deft_lightning.evaluation.Continuation", "init_args": {"name": "tiny-val", '
+        '"source": {"class_path": "deft_lightning.data.FileSource", "init_args": {"path": "data/tiny/val.jsonl"}}, '
+        '"limit": 8, "max_new_tokens": 6}}'
+    )
+    main(fit_args(tmp_path, f"--summary.heldout={heldout}", "--summary.predictions=2", steps=30))
+    out = capsys.readouterr().out
+    table = out[out.index("held-out tiny-val (8 items, greedy)") :].splitlines()
+    values = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in table[2:6]}
+    assert set(values) == {"nll", "p", "similarity", "exact"}
+    assert values["nll"][1] < values["nll"][0]  # the held-out answers became likelier
+    assert "before (greedy)" in out

@@ -350,23 +350,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out / (args.name or args.kind)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if args.kind == "trajectory":
-            labels = args.labels or [run.name for run in args.runs]
-            if len(labels) != len(args.runs):
-                raise ValueError(f"{len(args.runs)} runs but {len(labels)} labels")
-            table = format_table(
-                ["run", "logged steps", "α first → last", "p first → last"],
-                trajectory(args.runs, labels, out, args.smooth),
-            )
+    if args.kind == "trajectory":
+        labels = args.labels or [run.name for run in args.runs]
+        if len(labels) != len(args.runs):
+            raise ValueError(f"{len(args.runs)} runs but {len(labels)} labels")
+        table = format_table(
+            ["run", "logged steps", "α first → last", "p first → last"],
+            trajectory(args.runs, labels, out, args.smooth),
+        )
+    else:
+        args.fields = dict(args.fields)
+        if args.kind == "landscape":
+            table = format_table(["objective", "share at p<0.1", "0.1≤p<0.5", "p≥0.5"], landscape(args, out))
+        elif args.kind == "probabilities":
+            table = format_table(["model", "tokens", "mean p", "p<1e-3", "p>0.5"], probabilities(args, out))
         else:
-            args.fields = dict(args.fields)
-            if args.kind == "landscape":
-                table = format_table(["objective", "share at p<0.1", "0.1≤p<0.5", "p≥0.5"], landscape(args, out))
-            elif args.kind == "probabilities":
-                table = format_table(["model", "tokens", "mean p", "p<1e-3", "p>0.5"], probabilities(args, out))
-            else:
-                table = format_table(["quantity", "fraction"], forgetting(args, out))
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+            table = format_table(["quantity", "fraction"], forgetting(args, out))
     print(f"\n{table}\n\nwrote {out.with_suffix('.png')} and {out.with_suffix('.csv')}", flush=True)

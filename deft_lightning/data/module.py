@@ -233,6 +233,7 @@ class SFTDataModule(L.LightningDataModule):
         self.tokenizer = self.prompter.tokenizer
         self.datasets: dict = {}
         self.reports: dict[str, SplitReport] = {}
+        self._failed: Exception | None = None  # bad data met in prepare_data, raised in setup
 
     @property
     def vocab_size(self) -> int:
@@ -246,15 +247,25 @@ class SFTDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenize and cache the splits a run needs, once per node: Lightning calls this on each node's local
-        rank 0 and holds the other ranks at a barrier, so they only read the finished cache in :meth:`setup`."""
+        rank 0 and holds the other ranks at a barrier, so they only read the finished cache in :meth:`setup`.
+
+        Bad data is reported from :meth:`setup`, where every rank meets it (the others by preparing the same rows),
+        so all ranks stop together instead of waiting at the barrier for a rank that is gone.
+        """
         for split in self._splits(self.trainer.state.fn.value):
             if self.sources[split] is not None and split not in self.datasets:
-                self.datasets[split], self.reports[split] = self._prepare(split)  # setup keeps them
+                try:
+                    self.datasets[split], self.reports[split] = self._prepare(split)  # setup keeps them
+                except (ValueError, OSError) as error:
+                    self._failed = error
+                    return
 
     def _splits(self, stage: str) -> tuple[str, ...]:
         return {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
 
     def setup(self, stage: str) -> None:
+        if self._failed is not None:
+            raise self._failed
         splits = self._splits(stage)
         for split in splits:
             if self.sources[split] is None and split != "val":
@@ -324,6 +335,8 @@ class SFTDataModule(L.LightningDataModule):
         report.examples, report.bad_rows_skipped = len(columns["length"]), len(read.skipped)
         for message in read.skipped[:5]:
             rank_zero_info(f"skipped bad row: {message}")
+        if not report.examples and not read.read and not read.skipped:
+            raise ValueError(f"{split} source {source.name} has no rows (an empty file?)")
         if not report.examples:
             raise ValueError(
                 f"{split} source {source.name}: no example has a trainable token "

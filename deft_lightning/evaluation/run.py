@@ -294,7 +294,4 @@ def parse_config(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        evaluate(**parse_config(argv))
-    except (ValueError, FileNotFoundError, ConnectionError, ImportError) as err:  # bad input: a message
-        raise SystemExit(f"error: {err}") from None
+    evaluate(**parse_config(argv))
