@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test test-fast run evaluate sweep-mini bench bench-fit bench-generate lint format clean
+.PHONY: setup model test test-fast run evaluate sweep-mini bench bench-fit bench-generate gpu-bundle gpu-check lint format clean
 
 setup: $(STAMP)
 
@@ -24,11 +24,12 @@ $(STAMP): pyproject.toml
 model: setup
 	$(PY) -m deft_lightning prepare-model
 
+# two workers (a module's tests stay on one): most of the suite's time is process start-up and 2-process fits
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
 run: model
 	$(PY) -m deft_lightning fit --config configs/quickstart.yaml
@@ -49,6 +50,22 @@ bench-fit: setup
 
 bench-generate: model
 	$(PY) -m deft_lightning bench generate --items 32 --batch-sizes 1 8 32
+
+# The GPU readiness check (deft_lightning/bench_gpu.py). On the GPU machine torch, lightning, transformers and
+# torchmetrics are there; what is not travels as wheels in .whl/ (ignored), built here for its platform:
+GPU_WHEELS := litgpt==0.5.13 jsonargparse==4.41.0 docstring-parser==0.18.0 typeshed-client==2.15.0 liger-kernel==0.8.5 \
+	torchdata==0.11.0
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-bundle:
+	mkdir -p .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+
+# on the GPU host: installs the bundle into a temporary target, then ≤ 8 min of checks into $(GPU_OUT)
+GPU_OUT ?= runs/gpu-check
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/deft-site .whl/*.whl
+	PYTHONPATH=/tmp/deft-site:$(CURDIR) PYTHONUNBUFFERED=1 python3 -m deft_lightning bench gpu --out $(GPU_OUT)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -11,6 +11,8 @@ python -m deft_lightning bench fit [--config configs/tiny.yaml] [--objectives NL
     fresh processes, interleaved rounds, ratios to the first case.
 python -m deft_lightning bench litgpt [--checkpoint-dir ...] [--steps 6]
     training tokens/s of `fit` (NLL and DEFT) vs `litgpt finetune_full` on the same model, data and batch.
+python -m deft_lightning bench gpu --out DIR [--dry-run]
+    the GPU readiness check (deft_lightning/bench_gpu.py; `make gpu-check` on a GPU host).
 python -m deft_lightning bench generate [--checkpoint-dir ...] [--items 32] [--batch-sizes 1 16] [--samples 1]
         [--backends litgpt hf]
     generation tokens/s on FigFont test prompts (greedy, or n samples each) per backend and batch size, ratio to the
@@ -48,6 +50,8 @@ LOSS_CASES = [
     "fused EAFT",
     "fused DEFT, logging step",
 ]
+#: peers' fused losses, run where they are installed (Liger-Kernel needs CUDA and Triton)
+PEER_LOSS_CASES = ["liger FLCE"]
 
 
 def _loss_case(name: str) -> Callable:  # (hidden, weight, targets) -> scalar loss; imports stay in the child
@@ -74,6 +78,11 @@ def _loss_case(name: str) -> Callable:  # (hidden, weight, targets) -> scalar lo
         loss = -(torch.exp(alpha * logp) - 1) / (alpha + 1e-6)
         return (loss * keep).sum() / keep.sum()
 
+    def liger_flce(h, w, t):  # Liger-Kernel's fused linear cross-entropy (NLL), the peer of the fused pass
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(ignore_index=-100)(w, h, t)
+
     def plain(objective):
         def run(h, w, t):
             logp, stats = target_log_probs(h @ w.T, t, objective.needs)
@@ -98,6 +107,7 @@ def _loss_case(name: str) -> Callable:  # (hidden, weight, targets) -> scalar lo
         "fused EAFT": fused(objectives.EAFT()),
         # the statistics a training step adds on logging steps (entropy, Σp², accuracy)
         "fused DEFT, logging step": fused(objectives.DEFT(), Needs(entropy=True, collision=True, correct=True)),
+        "liger FLCE": liger_flce,
     }[name]
 
 
@@ -143,32 +153,48 @@ def run_loss_case(name: str, size: str, repeats: int, device: str) -> dict:
     return {"case": name, "seconds": statistics.median(times[1:]), "peak_bytes": peak}
 
 
-def bench_loss(size: str, repeats: int, cases: list[str]) -> None:
-    device = "cuda" if _cuda_available() else "cpu"
+def loss_rows(size: str, repeats: int, cases: list[str], device: str) -> list[dict]:
+    """Each case in a fresh process (materialized NLL, the baseline, first): time and peak memory, or its error."""
     rows = []
-    for name in [LOSS_CASES[0], *(case for case in cases if case != LOSS_CASES[0])]:  # the baseline first
+    for name in [LOSS_CASES[0], *(case for case in cases if case != LOSS_CASES[0])]:
         result = subprocess.run(
             [sys.executable, "-m", "deft_lightning.bench", "_loss_case", name, size, str(repeats), device],
             capture_output=True,
             text=True,
         )
         if result.returncode != 0:
-            rows.append({"case": name, "error": result.stderr.strip().splitlines()[-1][:80]})
+            rows.append({"case": name, "error": (result.stderr.strip().splitlines() or ["?"])[-1][:120]})
             continue
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(f"  {name}: {rows[-1]['seconds']:.3f} s", file=sys.stderr, flush=True)
     base = rows[0]
-    n, d, v = SIZES[size]
-    print(f"\nloss step, forward + backward, N={n} d={d} V={v}, {device}, median of {repeats} after warm-up")
-    print(f"{'case':<26}{'time (s)':>10}{'× NLL':>8}{'peak (MiB)':>12}{'× NLL':>8}")
     for row in rows:
-        if "error" in row:
-            print(f"{row['case']:<26}  failed: {row['error']}")
+        if "error" not in row and "error" not in base:
+            row["time_ratio"] = row["seconds"] / base["seconds"]
+            row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"]
+    return rows
+
+
+def loss_table(rows: list[dict], size: str, device: str, repeats: int) -> str:
+    n, d, v = SIZES[size]
+    lines = [
+        f"loss step, forward + backward, N={n} d={d} V={v}, {device}, median of {repeats} after warm-up",
+        f"{'case':<26}{'time (s)':>10}{'× NLL':>8}{'peak (MiB)':>12}{'× NLL':>8}",
+    ]
+    for row in rows:
+        if "error" in row or "time_ratio" not in row:
+            lines.append(f"{row['case']:<26}  failed: {row.get('error', 'the baseline failed')}")
             continue
-        print(
-            f"{row['case']:<26}{row['seconds']:>10.3f}{row['seconds'] / base['seconds']:>8.2f}"
-            f"{row['peak_bytes'] / 2**20:>12.0f}{row['peak_bytes'] / base['peak_bytes']:>8.2f}"
+        lines.append(
+            f"{row['case']:<26}{row['seconds']:>10.3f}{row['time_ratio']:>8.2f}"
+            f"{row['peak_bytes'] / 2**20:>12.0f}{row['memory_ratio']:>8.2f}"
         )
+    return "\n".join(lines)
+
+
+def bench_loss(size: str, repeats: int, cases: list[str]) -> None:
+    device = "cuda" if _cuda_available() else "cpu"
+    print("\n" + loss_table(loss_rows(size, repeats, cases, device), size, device, repeats))
 
 
 def _cuda_available() -> bool:
@@ -259,60 +285,42 @@ def bench_fit(
             )
 
 
-def bench_litgpt(checkpoint_dir: str, data: str, steps: int, batch: int, micro: int, length: int) -> None:
+def litgpt_finetune(
+    checkpoint_dir: str,
+    data: str,
+    steps: int,
+    batch: int,
+    micro: int,
+    length: int,
+    out: str,
+    precision: str = "32-true",
+    prompt_style: str = "smollm2",
+) -> tuple[int, float]:
+    """``litgpt finetune_full`` on a JSON file: (tokens trained on, training seconds) as it reports them."""
     import re
-    import tempfile
 
-    out = tempfile.mkdtemp(prefix="bench-litgpt-")
-    litgpt = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "litgpt",
-            "finetune_full",
-            checkpoint_dir,
-            "--data",
-            "JSON",
-            "--data.json_path",
-            data,
-            "--data.val_split_fraction",
-            "0.05",
-            "--data.prompt_style",
-            "smollm2",
-            "--data.mask_prompt",
-            "true",
-            "--train.global_batch_size",
-            str(batch),
-            "--train.micro_batch_size",
-            str(micro),
-            "--train.max_steps",
-            str(steps),
-            "--train.max_seq_length",
-            str(length),
-            "--train.log_interval",
-            "1",
-            "--eval.interval",
-            "100000",
-            "--eval.initial_validation",
-            "false",
-            "--eval.final_validation",
-            "false",
-            "--precision",
-            "32-true",
-            "--devices",
-            "1",
-            "--out_dir",
-            f"{out}/litgpt",
-            "--logger_name",
-            "csv",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    command = [
+        *(sys.executable, "-m", "litgpt", "finetune_full", checkpoint_dir, "--data", "JSON"),
+        *("--data.json_path", data, "--data.val_split_fraction", "0.05", "--data.prompt_style", prompt_style),
+        *("--data.mask_prompt", "true", "--train.global_batch_size", str(batch)),
+        *("--train.micro_batch_size", str(micro), "--train.max_steps", str(steps)),
+        *("--train.max_seq_length", str(length), "--train.log_interval", "1", "--eval.interval", "100000"),
+        *("--eval.initial_validation", "false", "--eval.final_validation", "false", "--precision", precision),
+        *("--devices", "1", "--out_dir", f"{out}/litgpt", "--logger_name", "csv"),
+    ]
+    litgpt = subprocess.run(command, capture_output=True, text=True)
     if litgpt.returncode != 0:
         raise CommandError(f"litgpt finetune_full failed:\n{litgpt.stderr[-2000:]}")
     tokens = int(re.search(r"Tokens w/ Prompt\s*:\s*(\d+)", litgpt.stdout).group(1))
     seconds = float(re.search(r"Training Time\s*:\s*([\d.]+)", litgpt.stdout).group(1))
+    return tokens, seconds
+
+
+def bench_litgpt(checkpoint_dir: str, data: str, steps: int, batch: int, micro: int, length: int) -> None:
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix="bench-litgpt-")
+    tokens, seconds = litgpt_finetune(checkpoint_dir, data, steps, batch, micro, length, out)
     rows = [("litgpt finetune_full (NLL)", tokens, seconds)]
     for objective in ("NLL", "DEFT"):
         ours = subprocess.run(
@@ -416,6 +424,10 @@ def bench_generate(
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "gpu":  # the GPU readiness check has a module of its own
+        from deft_lightning.bench_gpu import main as gpu_main
+
+        return gpu_main(argv[1:])
     if argv and argv[0] == "_loss_case":  # internal: one case in a fresh process
         name, size, repeats, device = argv[1], argv[2], int(argv[3]), argv[4]
         print(json.dumps(run_loss_case(name, size, repeats, device)))
@@ -427,7 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     loss = modes.add_parser("loss")
     loss.add_argument("--size", choices=list(SIZES), default="smollm2")
     loss.add_argument("--repeats", type=int, default=5)
-    loss.add_argument("--cases", nargs="+", choices=LOSS_CASES, default=LOSS_CASES, help="(materialized NLL always)")
+    loss.add_argument(
+        "--cases", nargs="+", choices=LOSS_CASES + PEER_LOSS_CASES, default=LOSS_CASES, help="(materialized NLL always)"
+    )
     fit = modes.add_parser("fit")
     fit.add_argument("--config", default="configs/tiny.yaml")
     fit.add_argument("--objectives", nargs="+", default=["NLL", "DEFT", "Cayley", "EAFT"])

@@ -207,6 +207,11 @@ class TrainingThroughput(L.Callback):
             print(json.dumps({"tokens": self.tokens, "seconds": time.perf_counter() - self.started}), flush=True)
 
 
+def _synchronize(trainer: L.Trainer) -> None:
+    if trainer.strategy.root_device.type == "cuda":  # kernels run asynchronously: time them to completion
+        torch.cuda.synchronize()
+
+
 class StepStats(L.Callback):
     """Each rank writes its median step time after ``warmup`` steps and its peak resident memory (the whole
     process) to ``<out>.rank<r>.json`` when training ends, for side-by-side fits (``bench fit``)."""
@@ -215,10 +220,12 @@ class StepStats(L.Callback):
         self.out, self.warmup = out, warmup
         self.times: list[float] = []
 
-    def on_train_batch_start(self, *args: object) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        _synchronize(trainer)
         self._started = time.perf_counter()
 
-    def on_train_batch_end(self, *args: object) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        _synchronize(trainer)
         self.times.append(time.perf_counter() - self._started)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -28,6 +28,8 @@ class ModelRef:
     config: Any  # litgpt Config
     #: the LitGPT checkpoint directory the weights started from (its ``config.json`` describes the architecture)
     base_dir: Path | None = None
+    #: the fit's LoRA settings (``deft_lightning.lora.LoRA`` fields), when it trained adapters
+    lora: dict[str, Any] | None = None
 
     def fingerprint(self) -> list[Any]:
         inner = "meta.pt" if is_sharded(self.path) else "lit_model.pth"
@@ -65,6 +67,7 @@ def resolve_model(
         raise ValueError(f"model name '{name}' must not contain '/', '\\', ',' or whitespace (it names files)")
     settings: dict[str, Any] = {}
     base = None
+    hparams: dict[str, Any] = {}
     if path.is_dir() and not is_sharded(path):
         validate_checkpoint_dir(path, ("lit_model.pth", "model_config.yaml"))
         config = resolve_model_config(None, None, path)
@@ -73,6 +76,7 @@ def resolve_model(
         try:
             metadata = path / "meta.pt" if is_sharded(path) else path
             hparams = torch.load(metadata, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
+            hparams = dict(hparams)
         except Exception as err:
             raise CheckpointError(f"cannot read '{path}' as a fit checkpoint ({type(err).__name__}: {err})") from None
         settings = _run_settings(path)
@@ -91,35 +95,66 @@ def resolve_model(
         raise CheckpointError(f"model '{name}': no tokenizer.json found for '{path}'; set tokenizer_dir")
     style = prompt_style or settings.get("prompt_style") or CHAT_TEMPLATE
     base_dir = Path(base) if base is not None else None
-    return ModelRef(name, path, Path(tokenizer), style, settings.get("system_prompt"), config, base_dir)
+    system = settings.get("system_prompt")
+    return ModelRef(name, path, Path(tokenizer), style, system, config, base_dir, hparams.get("lora"))
 
 
-def read_state_dict(ref: ModelRef) -> dict[str, torch.Tensor]:
-    """The GPT's weights (LitGPT names) from a checkpoint directory, a fit's ``.ckpt`` or a sharded fit checkpoint
-    (read on one process, model weights only)."""
-    from deft_lightning.prepare_model import CheckpointError, load_state_dict
+def _empty_model(ref: ModelRef) -> torch.nn.Module:
+    """The architecture the checkpoint was trained as (with LoRA adapters if the fit had them), uninitialized."""
+    from litgpt import GPT
+
+    with torch.device("meta"):
+        if ref.lora:
+            import litgpt.lora
+
+            from deft_lightning.lora import LoRA
+
+            model = litgpt.lora.GPT(LoRA(**ref.lora).litgpt_config(ref.config))
+        else:
+            model = GPT(ref.config)
+    return model.to_empty(device="cpu")
+
+
+def _read_fit_state(ref: ModelRef, model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """The model weights a fit's ``.ckpt`` or sharded checkpoint holds (LoRA fits: maybe the adapters only); a
+    sharded one is read into ``model``'s tensors."""
+    from deft_lightning.prepare_model import CheckpointError
 
     if ref.path.is_file():
         full = torch.load(ref.path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
         return {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
-    if not is_sharded(ref.path):
-        return load_state_dict(ref.path)
-    from litgpt import GPT
     from torch.distributed.checkpoint import FileSystemReader, load
 
     reader = FileSystemReader(ref.path)
     keys = reader.read_metadata().state_dict_metadata
     group = "state_dict" if any(key.startswith("state_dict.") for key in keys) else "model"  # FSDP2 / FSDP1
-    with torch.device("meta"):
-        template = GPT(ref.config)
-    template = template.to_empty(device="cpu").state_dict()
-    state = {group: {f"model.{name}": tensor for name, tensor in template.items()}}
+    stored = {name: tensor for name, tensor in model.state_dict().items() if f"{group}.model.{name}" in keys}
+    state = {group: {f"model.{name}": tensor for name, tensor in stored.items()}}
     try:
         load(state, storage_reader=reader, no_dist=True)
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         raise CheckpointError(f"cannot read the sharded checkpoint '{ref.path}' ({reason})") from None
     return {name.removeprefix("model."): tensor for name, tensor in state[group].items()}
+
+
+def read_state_dict(ref: ModelRef) -> dict[str, torch.Tensor]:
+    """The GPT's weights (LitGPT names) from a checkpoint directory, a fit's ``.ckpt`` or a sharded fit checkpoint,
+    read on one process, model weights only; a LoRA fit's adapters are merged into its base."""
+    from deft_lightning.prepare_model import load_state_dict
+
+    if ref.path.is_dir() and not is_sharded(ref.path):
+        return load_state_dict(ref.path)
+    model = _empty_model(ref) if ref.lora or is_sharded(ref.path) else None
+    state = _read_fit_state(ref, model)
+    if not ref.lora:
+        return state
+    from deft_lightning.lora import merged_state_dict
+
+    if ref.base_dir is not None:
+        model.load_state_dict(load_state_dict(ref.base_dir), strict=False)
+    model.load_state_dict(state, strict=False)  # the adapters, and the base when the checkpoint kept it
+    return merged_state_dict(model)
 
 
 def load_weights(ref: ModelRef, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

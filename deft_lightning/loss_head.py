@@ -16,15 +16,17 @@ from contextlib import contextmanager
 from litgpt import GPT
 from torch import Tensor
 
+from deft_lightning.lora import head_weight
+
 
 @contextmanager
 def head_computes(model: GPT, loss: Callable[[Tensor, Tensor], Tensor]) -> Iterator[None]:
     """Within the block, ``model(input_ids)`` returns ``loss(hidden [B, T, d], head_weight [V, d])`` instead of
-    the logits. ``model`` may be wrapped by FSDP (attribute access reaches the GPT inside)."""
+    the logits (a LoRA head's merged weight). ``model`` may be wrapped by FSDP (attribute access reaches the GPT)."""
     head = model.lm_head
-    if head.bias is not None or model.config.final_logit_softcapping is not None:
+    if getattr(head, "linear", head).bias is not None or model.config.final_logit_softcapping is not None:
         raise ValueError("the fused loss needs a bias-free head without logit soft-capping; use fused: false")
-    head.forward = lambda hidden: loss(hidden, head.weight)  # the weight as the forward sees it: unsharded
+    head.forward = lambda hidden: loss(hidden, head_weight(head))  # the weight as the forward sees it: unsharded
     try:
         yield
     finally:

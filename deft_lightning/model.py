@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 
 from deft_lightning.fused import fused_log_probs, fused_objective_loss
 from deft_lightning.generation import SamplingConfig, generate
+from deft_lightning.lora import LoRA, as_lora, plain
 from deft_lightning.loss_head import head_computes
 from deft_lightning.objectives import NLL, Objective, objective_from_spec
 from deft_lightning.prepare_model import CheckpointError, load_state_dict, validate_checkpoint_dir
@@ -104,6 +105,8 @@ class DeftModule(L.LightningModule):
         tie_embeddings: share one matrix between the input embeddings and the output head, as the Hugging Face
             originals of SmolLM2, Qwen2.5-0.5B/1.5B and Llama-3.2 do (LitGPT unties them on import); the
             checkpoint's two matrices must be equal.
+        lora: train LoRA adapters instead of the whole model (:mod:`deft_lightning.lora`), e.g.
+            ``--model.lora.r 8 --model.lora.alpha 16``.
     """
 
     def __init__(
@@ -123,16 +126,20 @@ class DeftModule(L.LightningModule):
         activation_checkpointing: bool = False,
         fused: bool = True,
         tie_embeddings: bool = False,
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__()
         self.objective = objective_from_spec(objective) if objective is not None else NLL()
+        self.lora = as_lora(lora)
         self.config = resolve_model_config(model_name, model_config, checkpoint_dir)
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"model.micro_batch_size must be >= 1, got {micro_batch_size}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        self.save_hyperparameters(ignore=["objective"])
+        self.save_hyperparameters(ignore=["objective", "lora"])
         self.hparams["objective"] = self.objective.spec()  # plain data, so `weights_only` loading works
+        self.hparams["lora"] = plain(self.lora)
+        self.strict_loading = self.lora is None  # LoRA checkpoints may hold the adapters only
         self.automatic_optimization = False  # we accumulate micro-batches ourselves (global token mean)
         self.model: GPT | None = None
         self.skipped_steps = 0
@@ -146,11 +153,19 @@ class DeftModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = GPT(self.config)
+        if self.lora is None:
+            self.model = GPT(self.config)
+        else:
+            import litgpt.lora
+
+            self.model = litgpt.lora.GPT(self.lora.litgpt_config(self.config))
+            litgpt.lora.mark_only_lora_as_trainable(self.model)
         if self.hparams.checkpoint_dir is not None:
             state = load_state_dict(self.hparams.checkpoint_dir)
             try:
-                self.model.load_state_dict(state)
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+                if unexpected or [name for name in missing if "lora_" not in name]:
+                    raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
             except RuntimeError as err:
                 raise CheckpointError(
                     f"'{self.hparams.checkpoint_dir}/lit_model.pth' does not fit its model_config.yaml: "
@@ -165,13 +180,14 @@ class DeftModule(L.LightningModule):
             shard_blocks(self.model, self.device_mesh["data_parallel"])
 
     def _tie_embeddings(self) -> None:
-        embeddings, head = self.model.transformer.wte.weight, self.model.lm_head.weight
+        linear = getattr(self.model.lm_head, "linear", self.model.lm_head)  # a LoRA head wraps the linear
+        embeddings, head = self.model.transformer.wte.weight, linear.weight
         if embeddings.shape != head.shape or (self.hparams.checkpoint_dir and not torch.equal(embeddings, head)):
             raise CheckpointError(
                 f"model.tie_embeddings: the checkpoint's output head differs from its input embeddings "
                 f"({tuple(head.shape)} vs {tuple(embeddings.shape)}, or different values): it was trained untied"
             )
-        self.model.lm_head.weight = embeddings
+        linear.weight = embeddings
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
@@ -225,7 +241,14 @@ class DeftModule(L.LightningModule):
         return self.config.final_logit_softcapping is None and not self.config.lm_head_bias
 
     def uses_fused_path(self) -> bool:
-        return self.hparams.fused and not self.objective.batch_dependent and self._head_is_fusable()
+        # a head adapter's dropout acts on the hidden states, which no merged weight can express
+        dropout_on_head = self.lora is not None and "head" in self.lora.targets and self.lora.dropout > 0
+        return (
+            self.hparams.fused
+            and not self.objective.batch_dependent
+            and self._head_is_fusable()
+            and not dropout_on_head
+        )
 
     def _in_forward(self, input_ids: Tensor, loss: Any) -> Any:
         """``loss(hidden [N, d], head weight)`` computed inside the model's forward (see :mod:`loss_head`)."""
@@ -384,7 +407,7 @@ class DeftModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
-            self.parameters(),
+            [parameter for parameter in self.parameters() if parameter.requires_grad],  # LoRA: the adapters only
             lr=self.hparams.learning_rate,
             weight_decay=self.hparams.weight_decay,
             betas=tuple(self.hparams.betas),
@@ -413,6 +436,9 @@ class DeftModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        if self.lora is not None and self.hparams.checkpoint_dir is not None:  # the base is read back from there
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if "lora_" in k or not k.startswith("model.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)

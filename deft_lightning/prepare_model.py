@@ -207,6 +207,8 @@ def prepare_model(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     if is_prepared(out) and not force:
         print(f"{out} is ready (use --force to rebuild)")
         return out
+    if out.exists() and not out.is_dir():  # found now, not after a 30-second conversion
+        raise CheckpointError(f"prepare-model --out '{out}' is a file, not a directory; choose another --out")
     started = time.perf_counter()
     gguf, expected_hash = find_gguf()
     verify_sha256(gguf, expected_hash)

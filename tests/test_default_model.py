@@ -154,7 +154,7 @@ def test_export_of_a_smollm2_fine_tune_unties_its_heads_and_keeps_its_logits(che
     command = [
         sys.executable, "-m", "deft_lightning", "fit", "--config", str(root / "configs/quickstart.yaml"),
         "--trainer.max_steps=2", "--data.init_args.batch_size=2", "--model.micro_batch_size=2",
-        "--summary.predictions=0", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}",
+        "--summary.enabled=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}",
         f"--data.init_args.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)

@@ -128,7 +128,7 @@ def test_other_subcommands_fail_the_same_way(tmp_path, command, message):
     command = [part.replace("OUT", str(tmp_path)) for part in command]
     if command[0] == "prepare-model":  # refuses to overwrite a file that is not a checkpoint directory
         write(tmp_path / "SmolLM2-x", "not a directory")
-        message = r"SmolLM2-x"
+        message = r"SmolLM2-x' is a file, not a directory"
     result = run([sys.executable, "-m", "deft_lightning", *command])
     assert_clean_failure(result, message)
 

@@ -58,7 +58,7 @@ class GradientCapture(L.Callback):
         self.grads = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
 def uneven_batch(vocab: int = 320) -> dict[str, torch.Tensor]:
