@@ -8,7 +8,8 @@ step's loss is the base model's.
 Checkpoints: when the base weights can be read back from ``model.checkpoint_dir``, a fit's checkpoints hold only the
 adapters (and their optimizer state) — a resume, ``evaluate`` and ``export`` rebuild the model from the base
 directory plus the adapters, and ``export`` writes merged weights. A LoRA fit of a random-init model keeps the full
-state, since nothing else holds its base.
+state, since nothing else holds its base, and so do sharded (FSDP) checkpoints, whose loader needs every key (each
+rank stores only its shard of the base).
 """
 
 from __future__ import annotations

@@ -436,7 +436,9 @@ class DeftModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
-        if self.lora is not None and self.hparams.checkpoint_dir is not None:  # the base is read back from there
+        # LoRA: the frozen base is read back from checkpoint_dir, except under sharded strategies, whose
+        # distributed-checkpoint loader needs every key it is given
+        if self.lora is not None and self.hparams.checkpoint_dir is not None and not sharded(self.trainer.strategy):
             state = checkpoint["state_dict"]
             checkpoint["state_dict"] = {k: v for k, v in state.items() if "lora_" in k or not k.startswith("model.")}
 

@@ -189,3 +189,17 @@ def test_fsdp_config_parses_with_a_regime_config():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "deft_lightning.strategies.BlockFSDPStrategy" in result.stdout and "bf16-mixed" in result.stdout
     assert BlockFSDPStrategy().sharding_strategy.name == "FULL_SHARD"
+
+
+def test_fsdp2_lora_fit_resumes_and_exports(tmp_path):
+    from conftest import write_tiny_checkpoint
+
+    from deft_lightning.export import export
+
+    base = write_tiny_checkpoint(tmp_path / "base")
+    lora = ["--model.model_config=null", f"--model.checkpoint_dir={base}", "--model.lora.r=4", "--model.lora.alpha=8"]
+    run_dir = tmp_path / "run"
+    fit(run_dir, 4, 8, *two_ranks("fsdp2"), *lora, "--model.lora.targets=[query, value, head]")
+    fit(run_dir, 6, 8, *two_ranks("fsdp2"), *lora, "--model.lora.targets=[query, value, head]", "--ckpt_path=last")
+    assert len(trajectory(run_dir, "train/loss")) == 6
+    assert (export(run_dir / "checkpoints/last.ckpt", tmp_path / "hf", "hf") / "model.safetensors").is_file()
