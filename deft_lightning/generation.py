@@ -99,8 +99,21 @@ def _generate_batch(model: GPT, eos_id: int, prompts: list[list[int]], sampler: 
     positions = torch.arange(longest, device=device).expand(len(prompts), -1)
     with _head_on_positions(model, lengths - 1):
         logits = model(tokens, positions, input_pos_maxp1=longest)[:, -1]
-    completions: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+
+    def advance(next_tokens: Tensor, step: int) -> Tensor:
+        positions = (lengths + step).unsqueeze(1)
+        return model(next_tokens.unsqueeze(1), positions, input_pos_maxp1=longest + step + 1)[:, -1]
+
+    return decode(logits, advance, sampler, eos_id, max_new)
+
+
+def decode(
+    logits: Tensor, advance: Callable[[Tensor, int], Tensor], sampler: _Sampler, eos_id: int, max_new: int
+) -> list[list[int]]:
+    """Up to ``max_new`` tokens per row: sample from ``logits [B, V]``, then ``advance(tokens, step)`` gives the
+    next logits; a row stops at its EOS (not included). Shared by every backend's batch."""
+    completions: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(max_new):
         next_tokens = sampler(logits)
         done |= next_tokens == eos_id
@@ -109,8 +122,7 @@ def _generate_batch(model: GPT, eos_id: int, prompts: list[list[int]], sampler: 
                 completion.append(token)
         if bool(done.all()) or step == max_new - 1:
             break
-        positions = (lengths + step).unsqueeze(1)
-        logits = model(next_tokens.unsqueeze(1), positions, input_pos_maxp1=longest + step + 1)[:, -1]
+        logits = advance(next_tokens, step)
     return completions
 
 

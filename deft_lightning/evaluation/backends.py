@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from deft_lightning.generation import SamplingConfig, _Sampler, generate, generate_batched
+from deft_lightning.generation import SamplingConfig, _Sampler, decode, generate, generate_batched
 from deft_lightning.loading import ModelRef, load_weights
 
 BACKENDS = ("litgpt", "hf", "vllm")
@@ -101,26 +101,23 @@ class HFGenerator:
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True)
-        completions: list[list[int]] = [[] for _ in prompts]
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        for step in range(max_new):
-            next_tokens = sampler(output.logits[:, -1].float())
-            done |= next_tokens == eos_id
-            for completion, token, finished in zip(completions, next_tokens.tolist(), done.tolist(), strict=True):
-                if not finished:
-                    completion.append(token)
-            if bool(done.all()) or step == max_new - 1:
-                break
+        cache = output.past_key_values
+
+        def advance(next_tokens: torch.Tensor, step: int) -> torch.Tensor:
+            nonlocal mask, positions, cache
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
-            output = self.model(
+            step_output = self.model(
                 input_ids=next_tokens[:, None],
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=output.past_key_values,
+                past_key_values=cache,
                 use_cache=True,
             )
-        return completions
+            cache = step_output.past_key_values
+            return step_output.logits[:, -1].float()
+
+        return decode(output.logits[:, -1].float(), advance, sampler, eos_id, max_new)
 
 
 class VLLMGenerator:
