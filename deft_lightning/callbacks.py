@@ -52,6 +52,7 @@ class FitSummary(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.heldout = heldout
         self.precision_reason = ""  # set by the CLI when it chose the precision
+        self._items: list | None = None
         self._started = 0.0
         self._first: dict[str, float] = {}
         self._before: tuple[dict[str, float], list[str]] = ({}, [])
@@ -69,7 +70,7 @@ class FitSummary(L.Callback):
         from deft_lightning.analysis.tokens import token_statistics
         from deft_lightning.statistics import NO_STATS
 
-        items = self.heldout.items()
+        items = self._heldout_items()
         generator = functools.partial(generate, pl_module.model)
         metrics, records, _ = run_benchmark(generator, prompter, self.heldout, items, 0, 16)
         answers = [{**item.row, "output": str(item.reference)} for item in items]
@@ -80,7 +81,12 @@ class FitSummary(L.Callback):
     def _targets(self, trainer: L.Trainer) -> list[str]:
         if self.heldout is None:
             return [row["output"] for row in trainer.datamodule.examples("train", self.predictions)]
-        return [str(item.reference) for item in self.heldout.items()[: self.predictions]]
+        return [str(item.reference) for item in self._heldout_items()[: self.predictions]]
+
+    def _heldout_items(self) -> list:
+        if self._items is None:  # generated once, scored before and after
+            self._items = self.heldout.items()
+        return self._items
 
     def _measures(self, trainer: L.Trainer) -> bool:
         # generation runs on one process; a sharded model would need every rank in each forward
@@ -130,7 +136,7 @@ class FitSummary(L.Callback):
         if self._measures(trainer):
             (before, answers_before), (after, answers_after) = self._before, self._measure(trainer, pl_module)
             if self.heldout is not None:
-                name = f"held-out {self.heldout.name} ({len(self.heldout.items())} items, greedy)"
+                name = f"held-out {self.heldout.name} ({len(self._heldout_items())} items, greedy)"
                 rows = [(metric, f"{before[metric]:.4g}", f"{after[metric]:.4g}") for metric in after]
                 sections += ["", format_table((name, "before", "after"), rows)]
             answers = zip(self._targets(trainer), answers_before, answers_after, strict=True)

@@ -188,6 +188,8 @@ def evaluate(
     # everything that can be wrong is checked before the first model is loaded
     refs = [resolve_model(n, p, tokenizer_dir, prompt_style) for n, p in models.items()]
     items = {b.name: b.items() for b in benchmarks}
+    # once per run: a spec fingerprints its source (file contents, the hub's current revision)
+    specs = {b.name: b.spec() for b in benchmarks}
     prompters: dict[tuple[Path, str, str | None], Prompter] = {}
     prompts: dict[tuple[tuple[Path, str, str | None], str], list[list[int]]] = {}  # rendered once per format
     for ref in refs:
@@ -217,7 +219,7 @@ def evaluate(
     def save() -> None:
         document = {
             "format": RESULTS_FORMAT,
-            "benchmarks": [b.spec() for b in benchmarks],
+            "benchmarks": list(specs.values()),
             "cells": cells + others,
         }
         _write_atomic(results_file, json.dumps(document, indent=1, default=str))
@@ -227,7 +229,8 @@ def evaluate(
         generator = None
         for benchmark in benchmarks:
             sampling = benchmark.sampling(batch_size)
-            key = _digest([ref.fingerprint(), ref.system_prompt, benchmark.spec(), sampling, seed, precision, backend])
+            spec = specs[benchmark.name]
+            key = _digest([ref.fingerprint(), ref.system_prompt, spec, sampling, seed, precision, backend])
             generations = Path("generations") / ref.name / f"{benchmark.name}.jsonl"
             if key in earlier and (out_dir / generations).is_file():
                 cells.append({**earlier[key], "reused": True})
