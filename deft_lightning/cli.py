@@ -4,8 +4,9 @@ Every fit gets a fixed run directory (``trainer.default_root_dir``, by default `
 holding ``metrics.csv``, ``config.yaml`` and ``checkpoints/`` (see :mod:`deft_lightning.checkpointing`), so a
 second launch finds the first one's checkpoints:
 
-- ``--ckpt_path last``  resume from ``checkpoints/last.ckpt``; an error if there is none;
-- ``--ckpt_path auto``  resume if ``last.ckpt`` exists, else start fresh;
+- ``--ckpt_path last``  resume from the newest complete checkpoint (normally ``checkpoints/last.ckpt``); an error
+  if there is none;
+- ``--ckpt_path auto``  resume if there is one, else start fresh;
 - no ``--ckpt_path``    start fresh; an error if the run directory already has checkpoints (nothing is
   overwritten — resume, or choose another ``--trainer.default_root_dir``).
 """
@@ -19,6 +20,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from deft_lightning.callbacks import ExportOnFitEnd, FitSummary, step_progress_bar
 from deft_lightning.checkpointing import (
@@ -26,12 +29,19 @@ from deft_lightning.checkpointing import (
     ContinuousMetricsLog,
     PreemptionCheckpoint,
     RandomStates,
+    RunCheckpoint,
     RunLogger,
     check_resumable,
     existing_checkpoints,
+    newest_checkpoint,
+    read_metadata,
 )
+from deft_lightning.data.module import check_global_batch, saved_data_position
 from deft_lightning.errors import CommandError
+from deft_lightning.loading import sharded_layout
 from deft_lightning.model import DeftModule
+from deft_lightning.prepare_model import CheckpointError
+from deft_lightning.strategies import BlockFSDPStrategy, FSDP2Strategy, remove_unpublished
 
 
 def resolve_precision(accelerator: Any, cuda_available: bool, bf16_supported: bool) -> tuple[str, str]:
@@ -49,7 +59,7 @@ class DeftCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FitSummary, "summary")
         parser.add_lightning_class_args(ExportOnFitEnd, "export")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.filename": "step={step}",
@@ -57,6 +67,7 @@ class DeftCLI(LightningCLI):
                 "checkpoint.every_n_train_steps": 50,
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
+                "checkpoint.enable_version_counter": False,  # overwrite in place: a resume never writes -v1 copies
             }
         )
 
@@ -103,16 +114,19 @@ class DeftCLI(LightningCLI):
     def before_fit(self) -> None:
         checkpoints = self.run_dir() / "checkpoints"
         settings = self.config_init[self.subcommand]
-        last = checkpoints / "last.ckpt"
-        if settings.get("ckpt_path") == "auto":
-            settings["ckpt_path"] = str(last) if last.exists() else None  # a directory when sharded
-        elif settings.get("ckpt_path") == "last":
-            if not last.exists():
+        if settings.get("ckpt_path") in ("last", "auto"):
+            newest = newest_checkpoint(checkpoints)
+            last = checkpoints / "last.ckpt"
+            if newest is None and last.exists():
+                check_resumable(last)  # says what is wrong with it
+            if newest is None and settings["ckpt_path"] == "last":
                 raise CommandError(
-                    f"--ckpt_path last: no {last} to resume from; start the run without --ckpt_path, "
-                    "or use --ckpt_path auto to resume only if a checkpoint exists"
+                    f"--ckpt_path last: no {last} to resume from (nor any other checkpoint beside it); start the run "
+                    "without --ckpt_path, or use --ckpt_path auto to resume only if a checkpoint exists"
                 )
-            settings["ckpt_path"] = str(last)
+            if newest is not None and newest.name != last.name:
+                rank_zero_info(f"resuming from {newest}: it holds more steps than {last}")
+            settings["ckpt_path"] = str(newest) if newest is not None else None
         elif (
             settings.get("ckpt_path") is None and self.trainer.checkpoint_callback and existing_checkpoints(checkpoints)
         ):
@@ -120,8 +134,29 @@ class DeftCLI(LightningCLI):
                 f"{checkpoints} already holds checkpoints of an earlier run; resume it with --ckpt_path last "
                 "(or --ckpt_path auto), or start a new run with --trainer.default_root_dir <new dir>"
             )
+        remove_unpublished(checkpoints)
+        self.model.check_run(self.trainer, self.datamodule)  # before any data is prepared or weight is read
         if settings.get("ckpt_path"):
-            check_resumable(Path(settings["ckpt_path"]))
+            self._check_resume(Path(settings["ckpt_path"]))
+
+    def _check_resume(self, path: Path) -> None:
+        """The checkpoint is whole, this strategy can load it, and its data position fits this run."""
+        check_resumable(path)
+        strategy = self.trainer.strategy
+        if path.is_dir():
+            layout = sharded_layout(path)
+            wanted = {"fsdp2": FSDP2Strategy, "fsdp1": BlockFSDPStrategy}[layout]
+            if not isinstance(strategy, FSDPStrategy if layout == "fsdp1" else ModelParallelStrategy):
+                raise CheckpointError(
+                    f"'{path}' is a sharded checkpoint written by {layout.upper()}; resume it with --trainer.strategy "
+                    f'\'{{"class_path": "{wanted.__module__}.{wanted.__name__}"}}\' (on any number of devices), or '
+                    f"turn it into one file with `python -m deft_lightning export {path} --out DIR --format litgpt` "
+                    "and start a new run from DIR (model.checkpoint_dir)"
+                )
+        position = saved_data_position(read_metadata(path))
+        batch_size = getattr(self.datamodule, "batch_size", None)
+        if position is not None and batch_size is not None:
+            check_global_batch(position, batch_size, self.trainer.world_size)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> DeftCLI:

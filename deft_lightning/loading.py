@@ -43,6 +43,33 @@ def is_sharded(path: Path) -> bool:
     return path.is_dir() and (path / "meta.pt").is_file()
 
 
+def sharded_layout(path: Path) -> str:
+    """Which strategy wrote a sharded checkpoint: ``fsdp2`` (``FSDP2Strategy``) or ``fsdp1`` (``BlockFSDPStrategy``
+    with sharded state dicts), from the top-level groups of its ``torch.distributed.checkpoint`` index."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(path).read_metadata().state_dict_metadata
+    return "fsdp2" if any(key.startswith("state_dict.") for key in keys) else "fsdp1"
+
+
+def _as_the_fit_saw_it(path: str | Path | None, fit_directory: str | None) -> Path | None:
+    """A path from a fit's config, resolved as the fit resolved it: a relative one against the directory the fit ran
+    in (stored in its checkpoints), so ``export``/``evaluate`` work from anywhere; an error names what was tried."""
+    from deft_lightning.prepare_model import CheckpointError
+
+    if path is None or Path(path).is_absolute():
+        return Path(path) if path is not None else None
+    tried = [Path(fit_directory) / path] if fit_directory else []
+    tried.append(Path(path))
+    for candidate in tried:
+        if candidate.exists():
+            return candidate
+    raise CheckpointError(
+        f"the fit's '{path}' is not at {' nor at '.join(str(p.absolute()) for p in tried)}; run from the fit's "
+        "working directory, or pass the tokenizer directory explicitly (--tokenizer-dir / tokenizer_dir)"
+    )
+
+
 def _run_settings(checkpoint: Path) -> dict[str, Any]:
     """Tokenizer and prompt settings of the fit that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt``)."""
     import yaml
@@ -75,17 +102,22 @@ def resolve_model(
     elif (path.is_file() and path.suffix == ".ckpt") or is_sharded(path):
         try:
             metadata = path / "meta.pt" if is_sharded(path) else path
-            hparams = torch.load(metadata, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
-            hparams = dict(hparams)
+            checkpoint = torch.load(metadata, map_location="cpu", mmap=True, weights_only=True)
+            hparams = dict(checkpoint["hyper_parameters"])
         except Exception as err:
             raise CheckpointError(f"cannot read '{path}' as a fit checkpoint ({type(err).__name__}: {err})") from None
         settings = _run_settings(path)
-        base = hparams.get("checkpoint_dir") or settings.get("checkpoint_dir")
+        fit_directory = checkpoint.get("working_directory")
+        base = _as_the_fit_saw_it(hparams.get("checkpoint_dir") or settings.get("checkpoint_dir"), fit_directory)
         if base is not None:
-            config = resolve_model_config(None, hparams.get("model_config"), Path(base))
+            config = resolve_model_config(None, hparams.get("model_config"), base)
         else:
             config = resolve_model_config(hparams.get("model_name"), hparams.get("model_config"), None)
-        default_tokenizer = settings.get("tokenizer_dir") or base
+        if tokenizer_dir is None:
+            tokenizer_dir = _as_the_fit_saw_it(settings.get("tokenizer_dir"), fit_directory)
+        default_tokenizer = base
+    elif not path.exists():
+        raise CheckpointError(f"model '{name}': '{path}' does not exist")
     else:
         raise CheckpointError(
             f"model '{name}': '{path}' is neither a LitGPT checkpoint directory nor a fit's .ckpt file"
@@ -127,7 +159,7 @@ def _read_fit_state(ref: ModelRef, model: torch.nn.Module | None) -> dict[str, t
 
     reader = FileSystemReader(ref.path)
     keys = reader.read_metadata().state_dict_metadata
-    group = "state_dict" if any(key.startswith("state_dict.") for key in keys) else "model"  # FSDP2 / FSDP1
+    group = "state_dict" if sharded_layout(ref.path) == "fsdp2" else "model"
     stored = {name: tensor for name, tensor in model.state_dict().items() if f"{group}.model.{name}" in keys}
     state = {group: {f"model.{name}": tensor for name, tensor in stored.items()}}
     try:
@@ -145,16 +177,24 @@ def read_state_dict(ref: ModelRef) -> dict[str, torch.Tensor]:
 
     if ref.path.is_dir() and not is_sharded(ref.path):
         return load_state_dict(ref.path)
-    model = _empty_model(ref) if ref.lora or is_sharded(ref.path) else None
-    state = _read_fit_state(ref, model)
-    if not ref.lora:
-        return state
-    from deft_lightning.lora import merged_state_dict
+    if ref.lora:
+        from deft_lightning.lora import merged_state_dict
 
+        return merged_state_dict(read_lora_model(ref))
+    return _read_fit_state(ref, _empty_model(ref) if is_sharded(ref.path) else None)
+
+
+def read_lora_model(ref: ModelRef) -> torch.nn.Module:
+    """A LoRA fit as trained: its base (from the checkpoint, or the base directory when the checkpoint holds only the
+    adapters) with the adapters beside it, not merged."""
+    from deft_lightning.prepare_model import load_state_dict
+
+    model = _empty_model(ref)
+    state = _read_fit_state(ref, model)
     if ref.base_dir is not None:
         model.load_state_dict(load_state_dict(ref.base_dir), strict=False)
     model.load_state_dict(state, strict=False)  # the adapters, and the base when the checkpoint kept it
-    return merged_state_dict(model)
+    return model
 
 
 def load_weights(ref: ModelRef, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

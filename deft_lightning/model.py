@@ -9,6 +9,7 @@ token mean, whatever the accumulation depth, the sequence lengths or the number 
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -142,6 +143,7 @@ class DeftModule(L.LightningModule):
         self.strict_loading = self.lora is None  # LoRA checkpoints may hold the adapters only
         self.automatic_optimization = False  # we accumulate micro-batches ourselves (global token mean)
         self.model: GPT | None = None
+        self._checked = False  # check_run passed (the CLI runs it before fit; setup would again)
         self.skipped_steps = 0
         #: > 0: keep a random sample of this many trainable tokens' statistics of the next step in `token_sample`
         self.token_sample_size = 0
@@ -190,11 +192,19 @@ class DeftModule(L.LightningModule):
         linear.weight = embeddings
 
     def setup(self, stage: str) -> None:
-        precision = str(self.trainer.precision)
+        self.check_run(self.trainer, getattr(self.trainer, "datamodule", None), stage)
+
+    def check_run(self, trainer: L.Trainer, datamodule: Any, stage: str = "fit") -> None:
+        """Refuse settings that cannot work together, from the config alone (the CLI calls this before any data is
+        prepared or weights are read; ``setup`` again for runs driven from Python)."""
+        if self._checked:
+            return
+        precision = str(trainer.precision)
         if precision.startswith("16"):
             raise ValueError(
-                f"trainer.precision={precision} needs loss scaling, which this module does not do; "
-                "use bf16-mixed / bf16-true on GPU or 32-true on CPU"
+                f"trainer.precision={precision} (fp16) is not supported: the fused pass rounds each logit gradient "
+                "to the compute dtype before a loss scaler could act, so small gradients would vanish in fp16; use "
+                "bf16-mixed on GPUs with bf16 (Ampere and newer) or 32-true (T4, V100, CPU)"
             )
         if precision == "bf16-true" and stage == "fit":
             rank_zero_warn(
@@ -202,14 +212,20 @@ class DeftModule(L.LightningModule):
                 "spacing (|Δw| < |w|/256, e.g. lr 5e-5 on weights above ~0.01) round to nothing, so most weights "
                 "barely train. Use bf16-mixed (fp32 weights, bf16 compute) unless you know your updates are large."
             )
-        datamodule = getattr(self.trainer, "datamodule", None)
         vocab_size = getattr(datamodule, "vocab_size", None)
         if vocab_size is not None and vocab_size > self.config.padded_vocab_size:
             raise ValueError(
                 f"the tokenizer has {vocab_size} tokens but the model's vocabulary has "
                 f"{self.config.padded_vocab_size}; set model.model_config.vocab_size / padded_vocab_size"
             )
-        strategy = self.trainer.strategy
+        strategy = trainer.strategy
+        if isinstance(strategy, FSDPStrategy) and self.lora is not None:
+            raise ValueError(
+                f"model.lora under {type(strategy).__name__} (FSDP1): FSDP1 flattens a block's frozen weights and its "
+                "adapters into one parameter, so it would keep and reduce-scatter gradients for every frozen weight; "
+                "use deft_lightning.strategies.FSDP2Strategy, which shards per parameter and keeps gradients only "
+                "for the adapters"
+            )
         if (
             self.hparams.activation_checkpointing
             and isinstance(strategy, FSDPStrategy)
@@ -229,6 +245,7 @@ class DeftModule(L.LightningModule):
             raise ValueError(
                 f"data.max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}"
             )
+        self._checked = True
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
@@ -283,7 +300,7 @@ class DeftModule(L.LightningModule):
         micro = self.hparams.micro_batch_size or batch["input_ids"].shape[0]
         input_chunks, label_chunks = batch["input_ids"].split(micro), batch["labels"].split(micro)
 
-        local_tokens = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum().float().reshape(1)
+        local_tokens = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum().reshape(1)  # int64: exact at any size
         global_tokens = int(self._sum_over_ranks(local_tokens).item())  # one host sync per step
         if global_tokens == 0:
             raise RuntimeError(
@@ -436,6 +453,7 @@ class DeftModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["working_directory"] = os.getcwd()  # relative paths of the config (loading resolves them here)
         # LoRA: the frozen base is read back from checkpoint_dir, except under sharded strategies, whose
         # distributed-checkpoint loader needs every key it is given
         if self.lora is not None and self.hparams.checkpoint_dir is not None and not sharded(self.trainer.strategy):

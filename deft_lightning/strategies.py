@@ -78,6 +78,17 @@ def publish_directory(staging: Path, path: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def remove_unpublished(directory: Path) -> None:
+    """Delete the hidden staging directories of sharded saves that a kill left unpublished (no checkpoint name
+    links to them); a later save of the same name would, but a run may not save that name again."""
+    if not directory.is_dir():
+        return
+    published = {path.resolve() for path in directory.iterdir() if path.is_symlink()}
+    for path in directory.glob(".*.ckpt.*"):
+        if path.is_dir() and not path.is_symlink() and path.resolve() not in published:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class AtomicShardedSaves:
     """For strategies whose sharded saves write a directory from every rank, in place and bypassing
     ``CheckpointIO``: write into a hidden directory beside the target, then :func:`publish_directory` (rank 0), so a

@@ -3,6 +3,7 @@
 import io
 import math
 import os
+import signal
 import time
 
 import lightning as L
@@ -75,3 +76,34 @@ class StallingShardedSave(FSDP2Strategy):
                 (staging.parent / "stalled").touch()
                 time.sleep(600)  # the test kills the process group here
         super().publish(staging, path)
+
+
+class KillAroundSave(AtomicCheckpointIO):
+    """SIGKILLs this process right ``after`` (or ``before``) its ``occurrence``-th save of a file named ``name``: a
+    kill just after a checkpoint, or between publishing ``step=N.ckpt`` and ``last.ckpt``."""
+
+    def __init__(self, name: str = "last.ckpt", occurrence: int = 1, after: bool = True) -> None:
+        super().__init__()
+        self.name, self.occurrence, self.after = name, occurrence, after
+        self.seen = 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        mine = os.path.basename(path) == self.name
+        self.seen += mine
+        if mine and self.seen == self.occurrence and not self.after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().save_checkpoint(checkpoint, path, storage_options)
+        if mine and self.seen == self.occurrence and self.after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SigtermAt(L.Callback):
+    """Sends global rank 0's process SIGTERM at the end of step ``step``, as ``kill <pid>`` of the launching process
+    would: every rank saves last.ckpt there and stops."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)

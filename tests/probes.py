@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import lightning as L
@@ -55,3 +56,28 @@ class GradientCollectives(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         with open(Path(trainer.default_root_dir) / f"collectives.rank{trainer.global_rank}", "a") as handle:
             handle.write(f"{self.count}\n")
+
+
+class RowsPerStep(L.Callback):
+    """Appends ``<step> <hash>,<hash>,...`` of the rows this rank trains at each step to ``<root>/rows.rank<r>`` (a
+    row's hash covers its tokens and labels, padding stripped), to compare which rows runs trained when."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, *args) -> None:
+        hashes = []
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+            while labels and labels[-1] == -100 and ids[-1] == 0:
+                ids, labels = ids[:-1], labels[:-1]
+            hashes.append(hashlib.sha1(repr((ids, labels)).encode()).hexdigest()[:12])
+        with open(Path(trainer.default_root_dir) / f"rows.rank{trainer.global_rank}", "a") as handle:
+            handle.write(f"{trainer.global_step} {','.join(hashes)}\n")
+
+
+def rows_per_step(run_dir: Path) -> dict[int, list[str]]:
+    """Step → the sorted hashes of every row any rank trained at that step (the last record of a step wins)."""
+    steps: dict[int, dict[int, list[str]]] = {}
+    for path in sorted(run_dir.glob("rows.rank*")):
+        rank = int(path.name.removeprefix("rows.rank"))
+        for line in path.read_text().splitlines():
+            step, hashes = line.split(" ")
+            steps.setdefault(int(step), {})[rank] = hashes.split(",")
+    return {step: sorted(h for hashes in ranks.values() for h in hashes) for step, ranks in sorted(steps.items())}

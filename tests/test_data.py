@@ -15,7 +15,7 @@ from deft_lightning.data import (
     ReasoningGymMathSource,
     SFTDataModule,
 )
-from deft_lightning.data.module import LengthGroupedSampler, padding_fraction
+from deft_lightning.data.module import GlobalBatchSampler, padding_fraction
 from deft_lightning.data.sources import BadRowError, RowReport, mixture_counts
 from deft_lightning.data.tokenizer import train_byte_level_bpe
 
@@ -206,17 +206,21 @@ def test_order_is_seeded_and_loader_state_round_trips_mid_epoch(tmp_path, length
     assert not torch.equal(batches(other_seed.train_dataloader(), 1)[0], reference[0])
 
 
+def grouped(lengths, batch_size, seed, num_replicas=1, rank=0) -> GlobalBatchSampler:
+    return GlobalBatchSampler(lengths, batch_size, seed, num_replicas, rank, length_grouping=True)
+
+
 def test_length_grouping_cuts_padding_and_covers_every_index():
     torch.manual_seed(0)
     lengths = torch.randint(5, 500, (1000,)).tolist()
-    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1)
+    sampler = grouped(lengths, batch_size=8, seed=1)
     order = sampler.order(0)
     assert sorted(order) == list(range(1000)) and order != sampler.order(1)
     shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
     assert padding_fraction(lengths, order, 8) < padding_fraction(lengths, shuffled, 8) / 3
 
 
-def rank_batches(sampler: LengthGroupedSampler, epoch: int) -> list[list[int]]:
+def rank_batches(sampler: GlobalBatchSampler, epoch: int) -> list[list[int]]:
     order = sampler.order(epoch)
     return [order[i : i + sampler.batch_size] for i in range(0, len(order), sampler.batch_size)]
 
@@ -227,8 +231,8 @@ def test_length_grouping_across_ranks_is_the_one_process_order(count):
     many steps; the partial last batch stays last (padding 1.4 % elsewhere, not ~20 %)."""
     torch.manual_seed(0)
     lengths = torch.randint(5, 500, (count,)).tolist()
-    single = LengthGroupedSampler(lengths, batch_size=16, seed=3)
-    ranks = [LengthGroupedSampler(lengths, batch_size=8, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    single = grouped(lengths, batch_size=16, seed=3)
+    ranks = [grouped(lengths, batch_size=8, seed=3, num_replicas=2, rank=r) for r in range(2)]
     for epoch in range(2):
         expected = rank_batches(single, epoch)
         per_rank = [rank_batches(sampler, epoch) for sampler in ranks]
@@ -239,25 +243,34 @@ def test_length_grouping_across_ranks_is_the_one_process_order(count):
             assert set(union) == set(batch) and len(union) >= len(batch)  # repeats only in a partial batch
             assert len(union) == len(batch) or step == len(expected) - 1
         assert sorted(single.order(epoch)) == list(range(count))
-    assert LengthGroupedSampler(lengths, 8, 3, 2, 1).order(0) == ranks[1].order(0)  # deterministic per seed
-    assert LengthGroupedSampler(lengths, 8, 4, 2, 1).order(0) != ranks[1].order(0)
+    assert grouped(lengths, 8, 3, 2, 1).order(0) == ranks[1].order(0)  # deterministic per seed
+    assert grouped(lengths, 8, 4, 2, 1).order(0) != ranks[1].order(0)
     if count == 1003:  # 1003 = 62 × 16 + 11: a partial batch in the middle would shift every later boundary
         shuffled = torch.randperm(count, generator=torch.Generator().manual_seed(3)).tolist()
         assert padding_fraction(lengths, single.order(0), 16) < padding_fraction(lengths, shuffled, 16) / 3
 
 
-def test_length_grouped_sampler_resumes_mid_epoch_on_every_rank():
+@pytest.mark.parametrize("grouping", [False, True])
+def test_sampler_positions_carry_over_to_another_number_of_ranks(grouping):
+    """After 3 global batches on 2 ranks (whole per-rank batches taken, as loaders do), the state is the same on
+    both ranks and resumes one process with the global batch size at global batch 4 of the same epoch order."""
     lengths = torch.randint(5, 500, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    states = []
     for rank in range(2):
-        sampler = LengthGroupedSampler(lengths, batch_size=4, seed=5, num_replicas=2, rank=rank)
+        sampler = GlobalBatchSampler(lengths, 4, 5, num_replicas=2, rank=rank, length_grouping=grouping)
         iterator = iter(sampler)
-        head = [next(iterator) for _ in range(13)]
-        state = sampler.state_dict()
+        head = [next(iterator) for _ in range(3 * 4)]
+        states.append(sampler.state_dict())
         tail = list(iterator)
-        resumed = LengthGroupedSampler(lengths, batch_size=4, seed=5, num_replicas=2, rank=rank)
-        resumed.load_state_dict(state)
-        assert head + list(resumed) == sampler.order(0)
-        assert head + tail == sampler.order(0)
+        resumed = GlobalBatchSampler(lengths, 4, 5, num_replicas=2, rank=rank, length_grouping=grouping)
+        resumed.load_state_dict(states[-1])
+        assert head + list(resumed) == head + tail == sampler.order(0)
+    assert states[0] == states[1] and states[0]["global_batches"] == 3
+    single = GlobalBatchSampler(lengths, 8, 5, length_grouping=grouping)
+    single.load_state_dict(states[0])
+    assert list(single) == [i for batch in single.global_batches(0)[3:] for i in batch]
+    with pytest.raises(ValueError, match=r"global batches of 8 rows \(data.batch_size 4 × 2 rank\(s\)\)"):
+        GlobalBatchSampler(lengths, 4, 5, length_grouping=grouping).load_state_dict(states[0])
 
 
 def test_hub_source_offline_is_a_clear_error(monkeypatch):

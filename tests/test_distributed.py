@@ -140,8 +140,9 @@ def test_gradient_collectives_per_step(tmp_path):
 
 
 def test_kill_during_a_sharded_save_leaves_a_resumable_checkpoint(tmp_path, single):
-    """kill -9 of both ranks while the second sharded last.ckpt (step 8) is being written: the first one (step 4)
-    stays whole, and the resumed run follows the one-process trajectory."""
+    """kill -9 of both ranks while the second sharded last.ckpt (step 8) is being written, after step=8.ckpt was
+    published: the first last.ckpt (step 4) stays whole, `last` resumes from the newer step=8.ckpt, the resumed runs
+    follow the one-process trajectory, and no unpublished directory is left behind."""
     run_dir = tmp_path / "run"
     stalling = ["--trainer.devices=2", '--trainer.strategy={"class_path": "fault_injection.StallingShardedSave"}']
     process = subprocess.Popen(
@@ -160,10 +161,13 @@ def test_kill_during_a_sharded_save_leaves_a_resumable_checkpoint(tmp_path, sing
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     assert any(path.name.startswith(".last.ckpt.") for path in (run_dir / "checkpoints").iterdir())  # unpublished
-    fit(run_dir, 8, 8, *two_ranks("fsdp2"), "--ckpt_path=last")
+    fit(run_dir, 8, 8, *two_ranks("fsdp2"), "--ckpt_path=last")  # step=8.ckpt was whole: nothing left to train
     assert trajectory(run_dir, "train/loss") == pytest.approx(trajectory(single, "train/loss")[:8], rel=2e-4)
-    leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".last.ckpt.")]
-    assert len(leftovers) == 1  # only the directory last.ckpt points to
+    fit(run_dir, 10, 8, *two_ranks("fsdp2"), "--ckpt_path=last")
+    assert trajectory(run_dir, "train/loss") == pytest.approx(trajectory(single, "train/loss")[:10], rel=2e-4)
+    folder = run_dir / "checkpoints"
+    leftovers = [p for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".link")]
+    assert sorted(p.resolve() for p in leftovers) == sorted(p.resolve() for p in folder.glob("*.ckpt"))
 
 
 def test_fsdp_config_parses_with_a_regime_config():

@@ -26,6 +26,15 @@ def rows(*records) -> str:
 GOOD = {"instruction": "say hi", "output": "hi"}
 
 
+def write_sharded_checkpoint(path: Path) -> None:
+    """A small FSDP2-layout sharded checkpoint: a torch.distributed.checkpoint directory plus Lightning's meta.pt."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    save({"state_dict": {"model.w": torch.zeros(2)}}, storage_writer=FileSystemWriter(path), no_dist=True)
+    torch.save({"global_step": 4, "loops": {}}, path / "meta.pt")
+
+
 def fit_case(name: str, tmp: Path) -> tuple[list[str], str]:
     """(extra fit arguments, expected message) for failure kind ``name``; files are made under ``tmp``."""
     data = "--data.init_args.train.init_args.path="
@@ -50,7 +59,13 @@ def fit_case(name: str, tmp: Path) -> tuple[list[str], str]:
     if name == "bad objective argument":
         return ["--model.objective=QLog", "--model.objective.alpha=-1"], r"QLog alpha must be >= 0"
     if name == "fp16":
-        return ["--trainer.precision=16-true"], r"needs loss scaling"
+        return ["--trainer.precision=16-true"], r"precision=16-true \(fp16\) is not supported.*32-true \(T4, V100"
+    if name == "FSDP1 with LoRA":
+        strategy = '--trainer.strategy={"class_path": "deft_lightning.strategies.BlockFSDPStrategy"}'
+        return [strategy, "--model.lora.r=4"], r"model.lora under BlockFSDPStrategy \(FSDP1\).*use .*FSDP2Strategy"
+    if name == "sharded checkpoint without a sharded strategy":
+        write_sharded_checkpoint(tmp / "run/checkpoints/last.ckpt")
+        return ["--ckpt_path=last"], r"last.ckpt' is a sharded checkpoint written by FSDP2; resume it with .*FSDP2S"
     if name == "sequence longer than the context":
         return ["--data.init_args.max_seq_length=1024"], r"max_seq_length=1024 exceeds the model's block_size=256"
     if name == "missing checkpoint directory":
@@ -79,6 +94,8 @@ FIT_FAILURES = [
     "unknown objective",
     "bad objective argument",
     "fp16",
+    "FSDP1 with LoRA",
+    "sharded checkpoint without a sharded strategy",
     "sequence longer than the context",
     "missing checkpoint directory",
     "resume with nothing to resume",
@@ -118,7 +135,7 @@ def test_fit_failures_are_one_clear_line(tmp_path, kind):
             ["evaluate", "--config", "configs/eval/smollm2.yaml", "--models", "{m: x.ckpt}", "--backend", "vllm"],
             r"needs vLLM",
         ),
-        (["export", "nowhere.ckpt", "--out", "x", "--format", "hf"], r"neither a LitGPT checkpoint directory"),
+        (["export", "nowhere.ckpt", "--out", "x", "--format", "hf"], r"nowhere.ckpt' does not exist"),
         (["analyze", "landscape", "--model", "nowhere", "--data", "nowhere.jsonl", "--out", "OUT"], r"nowhere"),
         (["sweep", "--config", "nowhere.yaml"], r"nowhere.yaml"),
         (["prepare-model", "--out", "OUT/SmolLM2-x"], None),

@@ -202,7 +202,7 @@ def test_vocab_and_length_mismatch_fail_before_training():
 
 
 def test_fp16_precision_is_refused():
-    with pytest.raises(ValueError, match="needs loss scaling"):
+    with pytest.raises(ValueError, match=r"precision=16-true \(fp16\) is not supported"):
         trainer(precision="16-true").fit(DeftModule(model_config=TINY), datamodule=tiny_data())
 
 

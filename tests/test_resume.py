@@ -143,3 +143,59 @@ def test_resume_after_a_skipped_step_keeps_every_row(tmp_path):
     start_and_interrupt(run_dir, reached(EVERY + 2), signal.SIGTERM, skip)
     run(run_dir, "--ckpt_path=last", skip)
     assert_same_run(run_dir, reference)
+
+
+def killed(run_dir: Path, *extra: str) -> None:
+    result = subprocess.run(command(run_dir, *extra), cwd=ROOT, capture_output=True, text=True, env=environment())
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+
+
+def test_kill_right_after_a_checkpoint_loses_no_metrics_row(tmp_path, reference):
+    """The checkpoint of step 4 is written before Lightning logs step 4's row; a kill there lost the row for good."""
+    run_dir = tmp_path / "run"
+    killed(run_dir, "--trainer.plugins=fault_injection.KillAroundSave")
+    assert max(logged_steps(run_dir)) == EVERY - 2  # the kill came before the row of the checkpoint's step
+    run(run_dir, "--ckpt_path=last")
+    assert_same_run(run_dir, reference)
+    assert [row["train/loss"] for row in read_rows(run_dir)] == [row["train/loss"] for row in read_rows(reference)]
+
+
+def test_kill_between_publishing_the_periodic_and_the_last_checkpoint(tmp_path, reference):
+    """Killed after step=8.ckpt was written and before last.ckpt (still step 4) was: `last` resumes from the newer
+    step=8.ckpt, and the resumed run leaves no versioned (-v1) copies behind."""
+    run_dir = tmp_path / "run"
+    kill = '{"class_path": "fault_injection.KillAroundSave", "init_args": {"occurrence": 2, "after": false}}'
+    plugin = f"--trainer.plugins={kill}"
+    killed(run_dir, plugin)
+    folder = run_dir / "checkpoints"
+    steps = {p.name: torch.load(p, weights_only=True)["global_step"] for p in folder.glob("*.ckpt")}
+    assert steps == {"last.ckpt": EVERY, f"step={2 * EVERY}.ckpt": 2 * EVERY}
+    resumed = run(run_dir, "--ckpt_path=last")
+    assert f"resuming from {folder / f'step={2 * EVERY}.ckpt'}" in resumed.stdout + resumed.stderr
+    assert_same_run(run_dir, reference)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", f"step={STEPS}.ckpt"]
+
+
+def test_a_second_resume_continues_from_the_newest_state(tmp_path, reference):
+    """SIGTERM, resume, SIGTERM again, resume: last.ckpt is always the newest state, and no -vN file appears."""
+    run_dir = tmp_path / "run"
+    start_and_interrupt(run_dir, reached(2), signal.SIGTERM, "--checkpoint.every_n_train_steps=50")
+    first = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"]
+    process = subprocess.Popen(
+        command(run_dir, "--ckpt_path=last", "--checkpoint.every_n_train_steps=50"),
+        cwd=ROOT,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 300
+    while not reached(first + 3)(run_dir):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    second = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"]
+    assert second > first + 2
+    run(run_dir, "--ckpt_path=auto", "--checkpoint.every_n_train_steps=50")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert_same_run(run_dir, reference)

@@ -14,7 +14,7 @@ A regime (strong / intermediate / weak / mixed) is a choice of sources in YAML (
 Tokenized splits are cached (Arrow, via ``datasets``) under ``cache_dir`` by a key of the source's
 fingerprint, the tokenizer files, the prompt settings and ``max_seq_length``, so a second run starts in
 seconds. The training loader is a ``torchdata`` ``StatefulDataLoader`` whose position is saved in Lightning
-checkpoints, so a resumed run continues with the exact next batch.
+checkpoints in global batches, so a resumed run continues with the exact next global batch, on any number of ranks.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
@@ -97,36 +97,55 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[st
     }
 
 
-class LengthGroupedSampler(DistributedSampler):
-    """Shuffled indices in which each batch has sequences of similar length (less padding), across ranks.
+class GlobalBatchSampler(DistributedSampler):
+    """Shuffled global batches (``batch_size × num_replicas`` rows per step), each split across the ranks, with a
+    resumable position that does not depend on the number of ranks.
 
-    Per epoch: a seeded permutation, cut into mega-batches of ``global batch × group`` (global batch =
-    ``batch_size × num_replicas``) sorted by length, cut into global batches; the full ones are shuffled and a
-    partial last one stays last (in the middle it would shift every later batch boundary). Rank r takes the r-th
-    contiguous slice of each global batch, so the union of the ranks' batches at step k is the batch one process
-    with the global batch size sees at step k, and each rank pads only to its own slice's longest row. A partial
-    last batch is padded to a multiple of the ranks by repeating its own indices, so every rank takes as many
-    steps. The state (epoch, indices yielded) lets a resumed loader continue where it stopped
-    (``StatefulDataLoader`` saves and restores it). A ``DistributedSampler``, so Lightning does not wrap it.
+    Per epoch: a seeded permutation of the rows cut into global batches. With ``length_grouping`` the permutation
+    is first cut into mega-batches of ``group`` global batches, each sorted by length (less padding), and the full
+    global batches are shuffled while a partial last one stays last (in the middle it would shift every later batch
+    boundary). Rank r takes the r-th contiguous slice of each global batch, so the union of the ranks' batches at
+    step k is the batch one process with the global batch size sees at step k, and each rank pads only to its own
+    slice's longest row. A partial last batch is padded to a multiple of the ranks by repeating its own indices, so
+    every rank takes as many steps.
+
+    The state (epoch, global batches consumed, the global batch's shape) is the same on every rank and for any
+    number of ranks: a run resumed on another number of ranks with the same global batch trains exactly the global
+    batches an uninterrupted run would, and a changed global batch is refused. A ``DistributedSampler``, so
+    Lightning does not wrap it and sets its epoch.
     """
 
     def __init__(
-        self, lengths: list[int], batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0, group: int = 64
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        length_grouping: bool = False,
+        group: int = 64,
     ) -> None:
         super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.lengths, self.batch_size, self.group = lengths, batch_size, group
-        self._yielded = 0
+        self.length_grouping = length_grouping
+        self._consumed = 0  # global batches of the current epoch handed out
         self._resume_from = 0
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_replicas
+
     def __len__(self) -> int:
-        full, rest = divmod(len(self.lengths), self.batch_size * self.num_replicas)
+        full, rest = divmod(len(self.lengths), self.global_batch_size)
         return full * self.batch_size + -(-rest // self.num_replicas)
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """The batches of one process with the global batch size, in order."""
-        size = self.batch_size * self.num_replicas
+        size = self.global_batch_size
         generator = torch.Generator().manual_seed(self.seed + epoch)
         permutation = torch.randperm(len(self.lengths), generator=generator).tolist()
+        if not self.length_grouping:
+            return [permutation[i : i + size] for i in range(0, len(permutation), size)]
         batches = []
         for start in range(0, len(permutation), size * self.group):
             chunk = sorted(permutation[start : start + size * self.group], key=lambda i: self.lengths[i], reverse=True)
@@ -135,28 +154,94 @@ class LengthGroupedSampler(DistributedSampler):
         partial = [batch for batch in batches if len(batch) < size]
         return [full[b] for b in torch.randperm(len(full), generator=generator).tolist()] + partial
 
+    def share(self, batch: list[int]) -> list[int]:
+        """This rank's slice of a global batch (a partial batch repeats its own indices to fill every rank)."""
+        size = -(-len(batch) // self.num_replicas)
+        batch = (batch * self.num_replicas)[: size * self.num_replicas]
+        return batch[self.rank * size : (self.rank + 1) * size]
+
     def order(self, epoch: int) -> list[int]:
         """This rank's indices for one epoch."""
-        indices = []
-        for batch in self.global_batches(epoch):
-            share = -(-len(batch) // self.num_replicas)
-            batch = (batch * self.num_replicas)[: share * self.num_replicas]  # repeats only in a partial batch
-            indices += batch[self.rank * share : (self.rank + 1) * share]
-        return indices
+        return [index for batch in self.global_batches(epoch) for index in self.share(batch)]
 
     def __iter__(self) -> Iterator[int]:
         start, self._resume_from = self._resume_from, 0
-        self._yielded = start
-        for index in self.order(self.epoch)[start:]:
-            self._yielded += 1
-            yield index
-        self.epoch, self._yielded = self.epoch + 1, 0
+        batches = self.global_batches(self.epoch)
+        self._consumed = start
+        for number, batch in enumerate(batches[start:], start + 1):
+            indices = self.share(batch)
+            yield from indices[:-1]
+            self._consumed = number  # counted as the batch's last index is taken: loaders take whole batches
+            yield indices[-1]
+        self.epoch, self._consumed = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self._yielded}
+        return {
+            "epoch": self.epoch,
+            "global_batches": self._consumed,
+            "global_batch_size": self.global_batch_size,
+            "per_rank_batch_size": self.batch_size,
+            "ranks": self.num_replicas,
+            "rows": len(self.lengths),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._resume_from = state["epoch"], state["yielded"]
+        if "global_batches" not in state:  # written before positions were kept in global batches
+            rank_zero_warn(
+                "the checkpoint's data position predates rank-independent positions: assuming it was written with "
+                f"{self.num_replicas} rank(s) and data.batch_size {self.batch_size}, as this run has"
+            )
+            state = {**state, "global_batches": state.get("yielded", 0) // self.batch_size}
+        else:
+            check_global_batch(state, self.batch_size, self.num_replicas)
+        if "rows" in state and state["rows"] != len(self.lengths):
+            rank_zero_warn(
+                f"the training set has {len(self.lengths)} rows, the checkpoint's had {state['rows']}: the resumed "
+                "run's batches differ from the interrupted run's"
+            )
+        self.epoch, self._resume_from = state.get("epoch", self.epoch), state["global_batches"]
+
+
+def check_global_batch(saved: dict[str, int], batch_size: int, ranks: int) -> None:
+    """Refuse to resume a data position (:meth:`GlobalBatchSampler.state_dict`) with another global batch: the
+    resumed steps would not be the interrupted run's."""
+    if saved["global_batch_size"] != batch_size * ranks:
+        raise ValueError(
+            f"cannot resume: the checkpoint trained global batches of {saved['global_batch_size']} rows "
+            f"(data.batch_size {saved['per_rank_batch_size']} × {saved['ranks']} rank(s)), this run's are "
+            f"{batch_size * ranks} (data.batch_size {batch_size} × {ranks} rank(s)); keep data.batch_size × devices "
+            f"× nodes equal to {saved['global_batch_size']} to resume it, or start a new run (e.g. from an export)"
+        )
+
+
+def saved_data_position(checkpoint: dict[str, Any]) -> dict[str, int] | None:
+    """The training sampler's state inside a Lightning checkpoint (wherever the loader nested it), if any."""
+    pending = [checkpoint.get("loops")]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if "global_batch_size" in node:
+                return node
+            pending += node.values()
+        elif isinstance(node, list | tuple):
+            pending += node
+    return None
+
+
+class TrainLoader(StatefulDataLoader):
+    """Also reads loader states written before the sampler kept its own position (then a count of this rank's
+    samples, which :meth:`GlobalBatchSampler.load_state_dict` converts)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(_with_sampler_states(state_dict))
+
+
+def _with_sampler_states(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    if "samples_yielded" in node and "sampler_state" not in node:
+        return {**node, "sampler_state": {"yielded": node["samples_yielded"]}}
+    return {key: _with_sampler_states(value) for key, value in node.items()}
 
 
 def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
@@ -405,20 +490,15 @@ class SFTDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
 
     def _train_sampler_order(self, lengths: list[int]) -> list[int]:
-        if self.length_grouping:
-            return LengthGroupedSampler(lengths, self.batch_size, self.seed).order(0)
-        return torch.randperm(len(lengths), generator=torch.Generator().manual_seed(self.seed)).tolist()  # epoch 0
+        return GlobalBatchSampler(lengths, self.batch_size, self.seed, length_grouping=self.length_grouping).order(0)
 
     def train_dataloader(self) -> StatefulDataLoader:
         dataset = self.datasets["train"]
         replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if self.length_grouping:
-            sampler = LengthGroupedSampler(dataset["length"], self.batch_size, self.seed, replicas, rank)
-            return self._loader(dataset, sampler=sampler)
-        # one permutation per epoch, split across ranks: the union of the ranks' batches at step k is the batch
-        # a single process with the same global batch would see at step k, whatever the number of ranks
-        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
-        return self._loader(dataset, sampler=sampler)
+        sampler = GlobalBatchSampler(
+            dataset["length"], self.batch_size, self.seed, replicas, rank, length_grouping=self.length_grouping
+        )
+        return self._loader(dataset, TrainLoader, sampler=sampler)
 
     def val_dataloader(self) -> StatefulDataLoader | list:
         return self._loader(self.datasets["val"]) if "val" in self.datasets else []
@@ -426,8 +506,8 @@ class SFTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.datasets["test"])
 
-    def _loader(self, dataset, **kwargs) -> StatefulDataLoader:
-        return StatefulDataLoader(
+    def _loader(self, dataset, loader: type = StatefulDataLoader, **kwargs) -> StatefulDataLoader:
+        return loader(
             dataset.with_format(columns=["input_ids", "labels"]),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
