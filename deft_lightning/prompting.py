@@ -71,10 +71,17 @@ class Prompter:
         fields = {k: v for k, v in example.items() if k not in ("output", "system", "instruction")}
         return self._style.apply(example["instruction"], sys_prompt=system, **fields)
 
+    def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """A conversation with ``system_prompt`` as its first turn when it has no system turn of its own (as single-turn
+        rows get it), instead of whatever default the chat template would insert."""
+        if self.system_prompt and not any(message["role"] == "system" for message in messages):
+            return [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
+
     def prompt_ids(self, example: dict[str, Any]) -> list[int]:
         """The prompt a model answers: a row's rendered prompt, or a conversation up to its last assistant turn."""
         if example.get("messages"):
-            messages = example["messages"]
+            messages = self.with_system(example["messages"])
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             return self._encode_plain(self._render(messages[:last], generation_prompt=True))
         text = self.prompt_text(example)
@@ -88,6 +95,7 @@ class Prompter:
         last one only (``train_on: last_assistant``)."""
         if self._style is not None:
             raise ValueError(f"conversation rows need data.prompt_style: {CHAT_TEMPLATE} (got '{self.prompt_style}')")
+        messages = self.with_system(messages)
         text = self._render(messages)
         turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
         spans = []
@@ -134,3 +142,9 @@ class Prompter:
         import torch
 
         return self.tokenizer.decode(torch.tensor(ids, dtype=torch.long))
+
+    def text(self, ids: list[int]) -> str:
+        """The text of token ids with their special tokens (``decode`` drops them): what the model was fed."""
+        if self.tokenizer.backend == "huggingface":
+            return self.tokenizer.processor.decode(ids, skip_special_tokens=False)
+        return self.decode(ids)

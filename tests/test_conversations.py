@@ -192,3 +192,19 @@ def test_mixed_regime_fits_on_the_shipped_conversations(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout + result.stderr
     assert "chats" in table and "val/nll" in table
+
+
+def test_data_system_prompt_reaches_conversations_without_a_system_turn():
+    """As for single-turn rows: a conversation without a system turn gets data.system_prompt (not the template's
+    default); one with its own keeps it."""
+    prompter = Prompter(TOKENIZER, "chat_template", system_prompt="Answer in French.")
+    without_system = THREE_TURNS[1:]
+    ids, _ = prompter.conversation_ids(without_system)
+    expected = [{"role": "system", "content": "Answer in French."}, *without_system]
+    assert ids == prompter._hf_tokenizer.apply_chat_template(expected, tokenize=True)["input_ids"]
+    assert trained_spans(prompter, without_system) == trained_spans(Prompter(TOKENIZER, "chat_template"), expected)
+    assert prompter.text(prompter.prompt_ids({"messages": without_system})).startswith("<|im_start|>system\nAnswer")
+    own, _ = prompter.conversation_ids(THREE_TURNS)
+    assert own == prompter._hf_tokenizer.apply_chat_template(THREE_TURNS, tokenize=True)["input_ids"]
+    single = prompter.prompt_ids({"instruction": "Hi", "output": "Salut"})
+    assert prompter.text(single).startswith("<|im_start|>system\nAnswer in French.")

@@ -144,7 +144,7 @@ def test_export_of_a_smollm2_fine_tune_unties_its_heads_and_keeps_its_logits(che
     import time
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deft_lightning.export import export
     from deft_lightning.loading import load_weights, resolve_model
@@ -163,7 +163,11 @@ def test_export_of_a_smollm2_fine_tune_unties_its_heads_and_keeps_its_logits(che
     out = export(run / "checkpoints/last.ckpt", tmp_path / "hf", "hf")
     seconds, size = time.perf_counter() - started, sum(p.stat().st_size for p in out.iterdir())
     print(f"SmolLM2 export: {seconds:.1f} s, {size / 2**20:.0f} MiB")
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["architectures"] == ["LlamaForCausalLM"]
+    # not <|im_end|> (2), which every example trains: transformers would freeze its embedding row
+    assert config["pad_token_id"] == 0 and json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 0
+    assert AutoTokenizer.from_pretrained(out).pad_token == "<|endoftext|>"
     ids = torch.tensor([Prompter(out, "chat_template").prompt_ids(EXAMPLES[0])])
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     module = load_weights(resolve_model("m", run / "checkpoints/last.ckpt"), torch.device("cpu"), torch.float32)

@@ -250,7 +250,7 @@ def test_evaluation_is_seeded_and_reuses_finished_cells(tmp_path, base_checkpoin
 
 
 def test_bad_input_fails_before_any_model_is_loaded(tmp_path, base_checkpoint):
-    with pytest.raises(ValueError, match="neither a LitGPT checkpoint directory nor a fit's .ckpt"):
+    with pytest.raises(ValueError, match="missing.ckpt' does not exist"):
         evaluate({"base": base_checkpoint, "x": tmp_path / "missing.ckpt"}, benchmarks(tmp_path), tmp_path / "o")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q?\\nA. x\\nB. y", "answer": "A"}\n{"question": \n')
@@ -409,3 +409,17 @@ def test_self_distilled_source_generates_once_and_corrupts_a_controlled_fraction
     assert list(source(0.5).rows(RowReport())) == noisy  # seeded
     with pytest.raises(ValueError, match="noise_fraction"):
         source(1.0)
+
+
+def test_generations_log_the_prompt_as_fed(tmp_path, base_checkpoint):
+    """The logged prompt keeps its special tokens (the chat template's end-of-turn is one): re-tokenized it gives the
+    prompt ids the model answered, which are logged too."""
+    from tokenizers import Tokenizer
+
+    out = tmp_path / "eval"
+    evaluate({"base": base_checkpoint}, benchmarks(tmp_path)[:1], out, prompt_style="chat_template")
+    records = [json.loads(line) for line in (out / "generations/base/add.jsonl").read_text().splitlines()]
+    tokenizer = Tokenizer.from_file(str(base_checkpoint / "tokenizer.json"))
+    for record in records:
+        assert "<|endoftext|>" in record["prompt"]
+        assert tokenizer.encode(record["prompt"], add_special_tokens=False).ids == record["prompt_ids"]

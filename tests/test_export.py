@@ -94,8 +94,11 @@ def test_litgpt_export_round_trips_into_a_new_fit(neox, tmp_path):
 
 
 def test_bad_input_is_refused_and_nothing_is_written(neox, tmp_path):
-    with pytest.raises(CheckpointError, match="neither a LitGPT checkpoint directory nor a fit's .ckpt"):
+    with pytest.raises(CheckpointError, match="missing.ckpt' does not exist"):
         export(tmp_path / "missing.ckpt", tmp_path / "a", "hf")
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(CheckpointError, match="neither a LitGPT checkpoint directory nor a fit's .ckpt"):
+        export(tmp_path / "notes.txt", tmp_path / "a", "hf")
     corrupt = tmp_path / "run/checkpoints/broken.ckpt"
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(neox.read_bytes()[:1000])
@@ -157,3 +160,145 @@ def test_a_fit_exports_its_final_model(tmp_path):
     assert (hf_logits(final, ids) - module_logits(run_dir / "checkpoints/last.ckpt", ids)).abs().max() <= 1e-4
     state = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     assert state["global_step"] == 2  # exported from the final state
+
+
+BASE_FIELDS = {"block_size": 64, "vocab_size": 320, "padded_vocab_size": 320, "n_layer": 2, "n_head": 4, "n_embd": 64}
+LLAMA_FIELDS = {"mlp_class_name": "LLaMAMLP", "norm_class_name": "RMSNorm", "bias": False, "intermediate_size": 96}
+EXACT = {"rotary_percentage": 1.0, "parallel_residual": False}
+#: layout → (LitGPT fields over LitGPT's defaults, the text of the refusal or None for an exact export)
+LAYOUTS = {
+    "llama, LitGPT's default rotary and residual": ({**LLAMA_FIELDS, "n_query_groups": 2}, "rotary_percentage: 0.25"),
+    "llama, parallel residual": ({**LLAMA_FIELDS, "rotary_percentage": 1.0}, "parallel_residual: True"),
+    "llama, GQA": ({**LLAMA_FIELDS, **EXACT, "n_query_groups": 2}, None),
+    "llama, MQA, tied": ({**LLAMA_FIELDS, **EXACT, "n_query_groups": 1, "tied": True}, None),
+    "llama, biases everywhere": ({**LLAMA_FIELDS, **EXACT, "bias": True}, None),
+    "llama, GELU gate": ({**LLAMA_FIELDS, **EXACT, "mlp_class_name": "GemmaMLP", "gelu_approximate": "tanh"}, None),
+    "qwen2 under another name": ({**LLAMA_FIELDS, **EXACT, "n_query_groups": 2, "attn_bias": True}, None),
+    "neox, parallel residual": ({"bias": True}, None),
+    "neox, sequential residual, tied": ({"bias": True, "parallel_residual": False, "tied": True}, None),
+    "neox, shared attention norm": ({"shared_attention_norm": True}, "shared_attention_norm: True"),
+    "neox with GQA": ({"n_query_groups": 2}, "n_query_groups: 2"),
+    "gemma-like": (
+        {
+            **LLAMA_FIELDS,
+            **EXACT,
+            "mlp_class_name": "GemmaMLP",
+            "scale_embeddings": True,
+            "final_logit_softcapping": 30.0,
+            "post_attention_norm": True,
+        },
+        "post_attention_norm: True; final_logit_softcapping: 30.0; scale_embeddings: True",
+    ),
+    "named Gemma": ({**LLAMA_FIELDS, **EXACT, "name": "Gemma-tiny"}, "RMSNorm with a unit offset"),
+}
+
+
+def random_checkpoint(directory: Path, fields: dict, seed: int = 0) -> Path:
+    """A LitGPT checkpoint directory of a random model with large weights (std 0.3: wrong mappings show)."""
+    import shutil
+
+    from litgpt import GPT, Config
+    from litgpt.utils import save_config
+
+    fields = dict(fields)
+    tied = fields.pop("tied", False)
+    config = Config(**{"name": "random", **BASE_FIELDS, **fields})
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+        if tied:
+            model.lm_head.weight.copy_(model.transformer.wte.weight)
+    directory.mkdir(parents=True)
+    torch.save(model.state_dict(), directory / "lit_model.pth")
+    save_config(config, directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(ROOT / "data/tiny/tokenizer" / name, directory / name)
+    return directory
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_exports_exactly_or_is_refused_by_name(tmp_path, layout):
+    fields, refusal = LAYOUTS[layout]
+    checkpoint = random_checkpoint(tmp_path / "lit", fields)
+    out = tmp_path / "hf"
+    if refusal is not None:
+        with pytest.raises(CheckpointError, match="cannot express") as error:
+            export(checkpoint, out, "hf")
+        assert refusal in str(error.value) and not out.exists()
+        return
+    export(checkpoint, out, "hf")
+    ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(3))
+    expected = module_logits(checkpoint, ids)
+    assert (hf_logits(out, ids) - expected).abs().max() <= 1e-4 * expected.abs().max()
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] and config["architectures"][0].endswith("ForCausalLM")  # vLLM needs it
+    assert config["tie_word_embeddings"] is bool(fields.get("tied"))
+    assert config["pad_token_id"] == 0  # the tiny tokenizer's <|pad|>, not its EOS
+
+
+def test_an_export_that_would_be_silently_wrong_is_refused(tmp_path, monkeypatch):
+    """The self-check: a config.json that says another RoPE base than the weights were trained with (as a
+    mistaken mapping would) is caught by comparing logits, named, and nothing is published."""
+    import deft_lightning.export as export_module
+
+    checkpoint = random_checkpoint(tmp_path / "lit", {**LLAMA_FIELDS, **EXACT})
+    mapped = export_module.hf_config
+    wrong = {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}
+    monkeypatch.setattr(export_module, "hf_config", lambda config: {**mapped(config), **wrong})
+    with pytest.raises(CheckpointError, match=r"logits .* differ .* rope_theta 500.0 vs rope_base 10000"):
+        export(checkpoint, tmp_path / "hf", "hf")
+    assert not (tmp_path / "hf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_base_config_json_that_does_not_describe_the_weights_is_refused(tmp_path):
+    checkpoint = random_checkpoint(tmp_path / "lit", {**LLAMA_FIELDS, **EXACT})
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 30}))
+    with pytest.raises(CheckpointError, match="num_hidden_layers 30 vs n_layer 2"):
+        export(checkpoint, tmp_path / "hf", "hf")
+
+
+def test_lora_fit_exports_a_peft_adapter_with_the_fits_logits(tmp_path):
+    """Adapters on every target (fused q/k/v split per projection) load with PEFT onto the base exported to hf."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from deft_lightning.loading import read_lora_model
+
+    base = random_checkpoint(tmp_path / "base", {**LLAMA_FIELDS, **EXACT, "n_query_groups": 2, "block_size": 256})
+    state = torch.load(base / "lit_model.pth", weights_only=True)  # small weights: the fit trains stably
+    torch.save({name: value * 0.1 for name, value in state.items()}, base / "lit_model.pth")
+    targets = "[query, key, value, projection, mlp, head]"
+    lora = ["--model.model_config=null", f"--model.checkpoint_dir={base}", "--model.lora.r=4"]
+    adapters = ["--model.lora.alpha=8", f"--model.lora.targets={targets}", "--model.learning_rate=0.1"]
+    checkpoint = fit(tmp_path / "run", *lora, *adapters)
+    adapter = export(checkpoint, tmp_path / "adapter", "peft")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    assert settings["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    )
+    base_hf = export(base, tmp_path / "base-hf", "hf")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32), adapter)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(4))
+    lora_model = read_lora_model(resolve_model("m", checkpoint)).eval()
+    lora_model.cos, lora_model.sin = lora_model.rope_cache()
+    with torch.no_grad():
+        expected = lora_model(ids)
+        effect = (expected - module_logits(base, ids)).abs().max()
+        assert effect > 1e-2  # the adapters changed the logits
+        assert (model.eval()(ids).logits - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max())
+    full = fit(tmp_path / "full", "--model.model_config=null", f"--model.checkpoint_dir={base}")
+    with pytest.raises(CheckpointError, match="trained the whole model"):
+        export(full, tmp_path / "x", "peft")
+
+
+def test_export_and_evaluate_work_from_another_directory(neox, tmp_path):
+    """The fit ran in the repository with relative paths (data/tiny/tokenizer): from elsewhere, export resolves
+    them as the fit did."""
+    command = [sys.executable, "-m", "deft_lightning", "export", str(neox), "--out", "lit", "--format", "litgpt"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "lit/tokenizer.json").read_bytes() == (ROOT / "data/tiny/tokenizer/tokenizer.json").read_bytes()
+    assert resolve_model("m", neox).tokenizer_dir.resolve() == (ROOT / "data/tiny/tokenizer").resolve()

@@ -6,7 +6,8 @@ benchmark files and rows, prompt lengths) before the first model is loaded. Resu
 
 - ``results.json``: every (model, benchmark) cell with its metrics, sampling, seed, throughput and a key;
 - ``results.csv``: the same metrics, one ``model, suite, benchmark, metric, value`` row each;
-- ``generations/<model>/<benchmark>.jsonl``: every prompt, reference, sample, extracted answer and score;
+- ``generations/<model>/<benchmark>.jsonl``: every prompt (the text fed, special tokens included, and its
+  ``prompt_ids``), reference, sample, extracted answer and score;
 - ``tables.md``: the printed tables.
 
 Files are replaced atomically after every cell; a rerun reuses cells whose key (model file, benchmark, sampling,
@@ -75,7 +76,8 @@ def run_benchmark(
         records.append(
             {
                 "id": item.id,
-                "prompt": prompter.decode(prompt),
+                "prompt": prompter.text(prompt),  # special tokens kept: re-tokenized, it gives prompt_ids
+                "prompt_ids": prompt,
                 "reference": item.reference,
                 "samples": [{"output": t, **s} for t, s in zip(texts, item_scores, strict=True)],
             }
