@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test test-fast run evaluate sweep-mini bench bench-fit bench-generate gpu-bundle gpu-check lint format clean
+.PHONY: setup model test test-fast run lab evaluate sweep-mini bench bench-fit bench-generate gpu-bundle gpu-check lint format clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test-fast: setup
 
 run: model
 	$(PY) -m deft_lightning fit --config configs/quickstart.yaml
+
+# the regime lab: which objective wins when (5 seeds × weak/strong/conflict × NLL/−p/DEFT, ≈4 min on 2 CPU cores)
+lab: setup
+	$(PY) -m deft_lightning lab
 
 # offline evaluation of the embedded model (add fine-tuned checkpoints under `models:`)
 evaluate: model

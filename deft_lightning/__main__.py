@@ -15,6 +15,7 @@ COMMANDS = {
     "sweep": "deft_lightning.sweep",
     "export": "deft_lightning.export",
     "evaluate": "deft_lightning.evaluation.run",
+    "lab": "deft_lightning.lab",
 }
 
 command = sys.argv[1] if len(sys.argv) > 1 else None

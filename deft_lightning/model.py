@@ -311,7 +311,8 @@ class DeftModule(L.LightningModule):
         scale = self.trainer.world_size / global_tokens
 
         sampling = self.token_sample_size > 0
-        needs = self.objective.needs | (MONITOR_NEEDS if self._is_logging_step() or sampling else Needs())
+        logging = self._is_logging_step()
+        needs = self.objective.needs | (MONITOR_NEEDS if logging or sampling else Needs())
         fused = self.uses_fused_path()
         sums: dict[str, Tensor] = {}
         samples: list[dict[str, Tensor]] = []
@@ -344,7 +345,12 @@ class DeftModule(L.LightningModule):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if logging:  # Lightning writes rows only then; logging every step costs ~0.75 ms a metric and a collective
+            self._log_step(sums, global_tokens, batch, started, grad_norm, learning_rate)
 
+    def _log_step(
+        self, sums: dict[str, Tensor], global_tokens: int, batch: dict, started: float, grad_norm: Tensor, lr: float
+    ) -> None:
         names = list(sums)
         totals = self._sum_over_ranks(torch.stack([sums[n].float() for n in names]))
         metrics = {f"train/{n}": totals[i] / global_tokens for i, n in enumerate(names)}
@@ -353,7 +359,7 @@ class DeftModule(L.LightningModule):
         metrics["train/tokens_per_s"] = processed / seconds
         metrics["train/trained_tokens_per_s"] = global_tokens / seconds
         metrics["train/grad_norm"] = grad_norm.float()
-        metrics["train/lr"] = learning_rate
+        metrics["train/lr"] = lr
         metrics["train/skipped_steps"] = float(self.skipped_steps)
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in PROGRESS_BAR_METRICS, rank_zero_only=True)
@@ -387,7 +393,8 @@ class DeftModule(L.LightningModule):
         return nullcontext() if last or block is None or sharded(self.trainer.strategy) else block()
 
     def _is_logging_step(self) -> bool:
-        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+        """A step whose metrics.csv row Lightning writes (every ``log_every_n_steps``), and the first step."""
+        return self.global_step == 0 or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
         if self.trainer.world_size == 1:

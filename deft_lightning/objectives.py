@@ -109,6 +109,28 @@ class Objective(ABC):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.init_args().items())})"
 
 
+def canonical_objective_name(name: str) -> str:
+    """Objective names compare with ASCII and Unicode minus alike: ``-p`` is ``−p``."""
+    return name.replace("\u2212", "-").strip()
+
+
+def named_in(names: Any, name: str) -> str:
+    """``name`` as spelled among ``names`` (a grid's or config's objectives), ASCII minus accepted; else as given."""
+    return next((known for known in names if canonical_objective_name(known) == canonical_objective_name(name)), name)
+
+
+def ascii_objective_arguments(argv: list[str]) -> list[str]:
+    """``--objectives NLL -p`` as typed: argparse would take ``-p`` for an option, so in that list it is ``−p``."""
+    rewritten, listing = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            listing = arg == "--objectives"
+        elif listing and arg == "-p":
+            arg = "\u2212p"
+        rewritten.append(arg)
+    return rewritten
+
+
 def objective_from_spec(spec: Objective | dict[str, Any]) -> Objective:
     """Build an objective from its ``class_path``/``init_args`` form (as stored in hparams)."""
     if isinstance(spec, Objective):

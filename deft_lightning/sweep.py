@@ -164,8 +164,10 @@ def run_sweep(
     """Fit, evaluate and tabulate every selected cell; returns the printed tables per (regime, backbone)."""
     from deft_lightning.analysis.run import trajectory
     from deft_lightning.evaluation.run import evaluate, parse_config
+    from deft_lightning.objectives import named_in
 
     grid = load_grid(grid_path)
+    objectives = [named_in(grid["objectives"], name) for name in objectives] if objectives else None
     for chosen, key in ((regimes, "regimes"), (objectives, "objectives")):
         missing = sorted(set(chosen or []) - set(grid[key]))
         if missing:
@@ -243,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--regimes", nargs="+", help="run only these regimes")
     parser.add_argument("--objectives", nargs="+", help="run only these objectives (table rows)")
     parser.add_argument("--dry-run", action="store_true", help="print every cell's config and stop")
-    args = parser.parse_args(argv)
+    from deft_lightning.objectives import ascii_objective_arguments
+
+    args = parser.parse_args(ascii_objective_arguments(sys.argv[1:] if argv is None else argv))
     try:
         run_sweep(args.config, args.regimes, args.objectives, args.dry_run)
     except RuntimeError as err:  # a cell's fit or evaluation failed; its output says why

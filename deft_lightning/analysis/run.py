@@ -11,6 +11,10 @@ probabilities --models NAME=PATH ... --data FILE
 forgetting --before PATH --after PATH --data FILE
     Fig. 1: per-token ΔP and ΔL between two checkpoints; shares of learned / forgotten tokens and of high- vs
     low-confidence tokens (p_before ≥ 0.5) among each.
+prior --model PATH --data FILE [--lab runs/lab/summary.json]
+    Where your model on your data sits on the paper's axis — mean p, Σp² (DEFT's α at step 0), share of tokens
+    with p < 0.1 — beside the regime lab's regimes and the paper's Model-Strong/Weak, with what the lab found for
+    the nearest regime: which objective to use for this model and data.
 
 Models are LitGPT checkpoint directories or a fit's .ckpt files; data is a JSONL/JSON/Parquet file of SFT rows
 (``--fields instruction=problem output=solution`` maps columns) or a YAML file naming any data Source by
@@ -30,7 +34,9 @@ import torch
 
 from deft_lightning.tables import format_table
 
-KINDS = ("trajectory", "landscape", "probabilities", "forgetting")
+KINDS = ("trajectory", "landscape", "probabilities", "forgetting", "prior")
+#: DEFT's α at the start of training in the paper's Fig. 5 (Llama-3.1-8B)
+PAPER_PRIORS = {"paper Model-Strong (MATH, Llama-3.1-8B)": 0.65, "paper Model-Weak (FigFont, Llama-3.1-8B)": 0.04}
 LANDSCAPE_OBJECTIVES = {"NLL": "NLL", "−p": "Prob", "EAFT": "EAFT", "Cayley": "Cayley", "DEFT": "DEFT"}
 
 
@@ -308,6 +314,49 @@ def forgetting(args: argparse.Namespace, out: Path) -> list[list[object]]:
 # ---------------------------------------------------------------- command line
 
 
+def prior(args: argparse.Namespace, out: Path) -> str:
+    """The prior table and the lab's answer for the nearest regime (see the module docstring)."""
+    import json
+
+    from deft_lightning.lab import regime_standing
+    from deft_lightning.objectives import Needs
+
+    stats = _statistics({"model": args.model}, args, Needs(collision=True))["model"]
+    ours = {
+        "mean_p": float(stats.prob.mean()),
+        "collision": float(stats.collision.mean()),
+        "low_p_share": float((stats.prob < 0.1).float().mean()),
+    }
+    rows = [[f"{args.model.name} on {args.data.name} ({len(stats.prob):,} tokens)", *_prior_cells(ours)]]
+    lab = json.loads(args.lab.read_text()) if args.lab.is_file() else None
+    for regime, values in (lab or {}).get("priors", {}).items():
+        rows.append([f"lab: {regime} ({values['description']})", *_prior_cells(values)])
+    rows += [[name, "–", f"{alpha:.2f}", "–"] for name, alpha in PAPER_PRIORS.items()]
+    _write_csv(out.with_suffix(".csv"), ["where", "mean p", "Σp²", "p<0.1"], rows)
+    table = format_table(["where", "mean p", "Σp² (DEFT's α₀)", "share p < 0.1"], rows)
+    if lab is None:
+        return f"{table}\n\nno regime lab results at {args.lab}: run `make lab` (≈4 min) to place these numbers"
+    distance = {
+        regime: math.dist((values["mean_p"], values["collision"]), (ours["mean_p"], ours["collision"]))
+        for regime, values in lab["priors"].items()
+    }
+    nearest = sorted(distance, key=distance.get)
+    lines = [table, "", f"nearest lab regime: {nearest[0]} (distance {distance[nearest[0]]:.2f} in (mean p, Σp²))"]
+    between = len(nearest) > 1 and distance[nearest[1]] < 1.5 * distance[nearest[0]]
+    if between:
+        lines[-1] += f", then {nearest[1]} ({distance[nearest[1]]:.2f}): between the two, weigh both"
+    for regime in nearest[: 2 if between else 1]:
+        metric, standing = regime_standing(lab, regime)
+        best = [name for name, _, tied in standing if tied]
+        ranking = ", ".join(f"{name} {mean:.3f}" for name, mean, _ in standing)
+        lines.append(f"in the lab's {regime} regime, {' and '.join(best)} did best on {metric} ({ranking})")
+    return "\n".join(lines)
+
+
+def _prior_cells(values: dict[str, float]) -> list[str]:
+    return [f"{values['mean_p']:.3f}", f"{values['collision']:.3f}", f"{values['low_p_share']:.1%}"]
+
+
 def _pairs(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
@@ -336,11 +385,13 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--device", default="auto")
         sub.add_argument("--tokenizer-dir", type=Path)
         sub.add_argument("--prompt-style")
-        if kind == "landscape":
+        if kind in ("landscape", "prior"):
             sub.add_argument("--model", type=Path, required=True)
+        if kind == "prior":
+            sub.add_argument("--lab", type=Path, default=Path("runs/lab/summary.json"), help="the lab's summary")
         elif kind == "probabilities":
             sub.add_argument("--models", nargs="+", type=_pairs, required=True, help="NAME=PATH ...")
-        else:
+        elif kind == "forgetting":
             sub.add_argument("--before", type=Path, required=True)
             sub.add_argument("--after", type=Path, required=True)
             sub.add_argument("--confident", type=float, default=0.5, help="high confidence: p_before >= this")
@@ -364,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
             table = format_table(["objective", "share at p<0.1", "0.1≤p<0.5", "p≥0.5"], landscape(args, out))
         elif args.kind == "probabilities":
             table = format_table(["model", "tokens", "mean p", "p<1e-3", "p>0.5"], probabilities(args, out))
+        elif args.kind == "prior":
+            print(f"\n{prior(args, out)}\n\nwrote {out.with_suffix('.csv')}", flush=True)
+            return
         else:
             table = format_table(["quantity", "fraction"], forgetting(args, out))
     print(f"\n{table}\n\nwrote {out.with_suffix('.png')} and {out.with_suffix('.csv')}", flush=True)
