@@ -424,10 +424,6 @@ def bench_generate(
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "gpu":  # the GPU readiness check has a module of its own
-        from deft_lightning.bench_gpu import main as gpu_main
-
-        return gpu_main(argv[1:])
     if argv and argv[0] == "_loss_case":  # internal: one case in a fresh process
         name, size, repeats, device = argv[1], argv[2], int(argv[3]), argv[4]
         print(json.dumps(run_loss_case(name, size, repeats, device)))
@@ -435,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m deft_lightning bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    modes = parser.add_subparsers(dest="mode", required=True)
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="{loss,fit,litgpt,generate,gpu}")
+    modes.add_parser("gpu", help="the GPU readiness check: python -m deft_lightning bench gpu --help")
     loss = modes.add_parser("loss")
     loss.add_argument("--size", choices=list(SIZES), default="smollm2")
     loss.add_argument("--repeats", type=int, default=5)

@@ -248,6 +248,7 @@ def _trainer(scale: Scale, precision: str, steps: int, callbacks: list, root: Pa
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        log_every_n_steps=1,  # the checks read the last step's metrics
         default_root_dir=str(root),
         callbacks=callbacks,
         **kwargs,

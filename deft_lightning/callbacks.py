@@ -57,8 +57,10 @@ class FitSummary(L.Callback):
         self._first: dict[str, float] = {}
         self._before: tuple[dict[str, float], list[str]] = ({}, [])
 
-    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[dict[str, float], list[str]]:
-        """Held-out metrics (if any) and the answers to show."""
+    def _measure(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, when: str
+    ) -> tuple[dict[str, float], list[str]]:
+        """Held-out metrics (if any) and the answers to show; ``when`` labels the progress bars."""
         datamodule = trainer.datamodule
         prompter = datamodule.prompter
         if self.heldout is None:
@@ -72,9 +74,11 @@ class FitSummary(L.Callback):
 
         items = self._heldout_items()
         generator = functools.partial(generate, pl_module.model)
-        metrics, records, _ = run_benchmark(generator, prompter, self.heldout, items, 0, 16)
+        label = f"held-out {self.heldout.name} {when}"
+        metrics, records, _ = run_benchmark(generator, prompter, self.heldout, items, 0, 16, progress=label)
         answers = [{**item.row, "output": str(item.reference)} for item in items]
-        stats = token_statistics(pl_module.model, prompter, answers, NO_STATS, pl_module.config.block_size)
+        block = pl_module.config.block_size
+        stats = token_statistics(pl_module.model, prompter, answers, NO_STATS, block, progress=f"{label}: NLL")
         metrics = {"nll": float(-stats.logp.mean()), "p": float(stats.prob.mean()), **metrics}
         return metrics, [record["samples"][0]["output"] for record in records[: self.predictions]]
 
@@ -96,7 +100,7 @@ class FitSummary(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
         if self._measures(trainer) and trainer.is_global_zero:
-            self._before = self._measure(trainer, pl_module)
+            self._before = self._measure(trainer, pl_module, "before training")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if not self._first and trainer.global_step >= 1:
@@ -134,7 +138,10 @@ class FitSummary(L.Callback):
         if others:
             sections += ["", format_table(("metric", "final"), others)]
         if self._measures(trainer):
-            (before, answers_before), (after, answers_after) = self._before, self._measure(trainer, pl_module)
+            (before, answers_before), (after, answers_after) = (
+                self._before,
+                self._measure(trainer, pl_module, "after training"),
+            )
             if self.heldout is not None:
                 name = f"held-out {self.heldout.name} ({len(self._heldout_items())} items, greedy)"
                 rows = [(metric, f"{before[metric]:.4g}", f"{after[metric]:.4g}") for metric in after]
@@ -192,6 +199,55 @@ def step_progress_bar() -> L.Callback:
             return f"Epoch {current_epoch} (step limit {self.trainer.max_steps})"
 
     return StepProgressBar()
+
+
+class PlainProgress(L.Callback):
+    """Progress as plain lines, for output that is not a terminal (SLURM logs, nohup, CI), where a progress bar
+    shows only when the fit ends: step, loss, tokens/s, elapsed time and the time left, at the first step, at every
+    tenth of the fit and at least every ``every_s`` seconds. The CLI uses it instead of a bar when stdout is not a
+    terminal.
+
+    Args:
+        every_s: the longest silence, in seconds.
+    """
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._started = self._last = 0.0
+        self._first_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = self._last = time.perf_counter()
+        self._first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step, total, now = (
+            trainer.global_step,
+            trainer.max_steps if trainer.max_steps > 0 else None,
+            time.perf_counter(),
+        )
+        tenth = max(1, total // 10) if total else None
+        due = step == self._first_step + 1 or step == total or (tenth and step % tenth == 0)
+        if not trainer.is_global_zero or not (due or now - self._last >= self.every_s):
+            return
+        self._last = now
+        logged = trainer.callback_metrics
+        parts = [f"step {step}/{total}" if total else f"step {step}"]
+        if "train/loss" in logged:
+            parts.append(f"loss {float(logged['train/loss']):.4g}")
+        if "train/tokens_per_s" in logged:
+            parts.append(f"{float(logged['train/tokens_per_s']):,.0f} tokens/s")
+        elapsed = now - self._started
+        parts.append(f"{_duration(elapsed)} elapsed")
+        if total and step > self._first_step:
+            parts.append(f"ETA {_duration(elapsed / (step - self._first_step) * (total - step))}")
+        print(" · ".join(parts), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 class TrainingThroughput(L.Callback):

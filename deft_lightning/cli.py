@@ -13,8 +13,14 @@ second launch finds the first one's checkpoints:
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import logging
+import re
+import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -22,8 +28,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from deft_lightning.callbacks import ExportOnFitEnd, FitSummary, step_progress_bar
+from deft_lightning.callbacks import ExportOnFitEnd, FitSummary, PlainProgress, step_progress_bar
 from deft_lightning.checkpointing import (
     AtomicCheckpointIO,
     ContinuousMetricsLog,
@@ -55,6 +62,111 @@ def resolve_precision(accelerator: Any, cuda_available: bool, bf16_supported: bo
     return "32-true", "chosen: CPU (bf16 is far slower there)"
 
 
+#: Lightning and library notices a user cannot act on: LightningCLI's own `args` warning (we pass argv through),
+#: the litlogger advertisement, torchdata's and Lightning's deprecations of their own internals, the 13-line code
+#: sample ModelCheckpoint prints under manual optimization (our checkpoints are taken after the update on purpose:
+#: that is what a resume continues from) and Lightning's note that `weights_only` was left out.
+NOISE = (
+    "LightningCLI's args parameter",
+    "try installing [litlogger]",
+    "'set_vital' is deprecated",
+    "isinstance(treespec, LeafSpec)",
+    "Using ModelCheckpoint with manual optimization",
+    "`weights_only` was not set",
+)
+
+
+class _WithoutNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in NOISE)
+
+
+def silence_noise() -> None:
+    for text in NOISE:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(text)}")
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logging.getLogger(name).addFilter(_WithoutNoise())
+
+
+class OneLineErrors(LightningArgumentParser):
+    """LightningCLI's parsers, but a rejected option or config is one ``error:`` line (raised as CommandError)
+    instead of ~100 lines of usage, with the likely fix; options are never abbreviated (``--trainer.max_step`` was
+    silently ``max_steps``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        raise OptionError(one_line(message, [o for o in self._option_string_actions if o.startswith("--")]))
+
+
+class OptionError(argparse.ArgumentError, CommandError):
+    """A rejected option: an ``ArgumentError`` where jsonargparse tries alternatives (union types), a one-line
+    ``error:`` (a CommandError) where it reaches the user."""
+
+    def __init__(self, message: str) -> None:
+        argparse.ArgumentError.__init__(self, None, message)
+
+
+def one_line(message: str, options: list[str]) -> str:
+    """jsonargparse's multi-line report as one sentence: where, what, and the fix."""
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines() if line.strip()]
+    key_match = re.match(r'Parser key "([^"]+)":?(.*)', lines[0]) if lines else None
+    key = key_match.group(1) if key_match else None
+    skip = ("Does not validate against", "Subtypes:", "Errors:", "Given value type:", "Expected a <class 'NoneType'>")
+    details = [
+        line for line in lines[1:] if not line.startswith(skip) and not line.startswith("Expected a config path")
+    ]
+    given = next((line.split(":", 1)[1].strip() for line in details if line.startswith("Given value:")), None)
+    details = [line for line in details if not line.startswith("Given value:")]
+    if key == "model.objective":
+        return objective_error(given or "", " ".join(details))
+    text = " ".join(details) or (key_match.group(2).strip() if key_match else message.strip())
+    unknown = re.search(r"Unrecognized arguments: (--?[\w.\-]+)", text)
+    if unknown:
+        name = unknown.group(1).split("=")[0]
+        candidates = options if key is None else [f"--{field}" for field in sub_options(key)]
+        guess = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+        where = f"--{key}: unknown option {name.lstrip('-')}" if key else f"unknown option {name}"
+        suggestion = f"did you mean {guess[0] if key is None else guess[0].lstrip('-')}?" if guess else ""
+        return f"{where}; {suggestion or 'see --help for the options'}"
+    return f"--{key}: {text}" if key else text
+
+
+def sub_options(key: str) -> list[str]:
+    """The fields of a config section given as one value (``model.lora``), for 'did you mean'."""
+    if key == "model.lora":
+        from dataclasses import fields
+
+        from deft_lightning.lora import LoRA
+
+        return [field.name for field in fields(LoRA)]
+    return []
+
+
+def objective_error(given: str, details: str) -> str:
+    from deft_lightning import objectives
+
+    known = ", ".join(
+        name
+        for name in objectives.__all__
+        if isinstance(getattr(objectives, name), type) and name not in ("Objective", "Needs", "TokenStats")
+    )
+    nested = re.match(r"NestedArg\(key='([^']+)'", given)
+    if nested:
+        return (
+            f"--model.objective.{nested.group(1)}: the objective in use takes no argument '{nested.group(1)}' "
+            f"(choose the objective first, e.g. --model.objective QLog --model.objective.alpha 0.3)"
+        )
+    missing = re.search(r"No module named '([^']+)'", details)
+    if missing:
+        return (
+            f"--model.objective {given}: no module named '{missing.group(1)}' — the directory holding "
+            f"{missing.group(1).split('.')[0]}.py must be importable: run with PYTHONPATH=<that directory>"
+        )
+    return f"--model.objective {given} is not an objective; use one of {known} (−p is Prob), or a class_path of yours"
+
+
 class DeftCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FitSummary, "summary")
@@ -81,6 +193,8 @@ class DeftCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         root = self.run_dir()
+        if isinstance(config.get("val_check_interval"), int) and config.get("check_val_every_n_epoch") == 1:
+            config["check_val_every_n_epoch"] = None  # every N optimizer steps across epochs, whatever the data size
         config["default_root_dir"] = str(root)
         if config.get("precision") is None:  # left out of the config: by device
             import torch
@@ -93,9 +207,13 @@ class DeftCLI(LightningCLI):
                 if isinstance(callback, FitSummary):
                     callback.precision_reason = reason
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(step_progress_bar())
-        if config.get("logger") in (None, True):
-            config["logger"] = RunLogger(root)
+            if sys.stdout.isatty():
+                callbacks.append(step_progress_bar())
+            else:  # a redirected log would show the bar only at the end
+                config["enable_progress_bar"] = False
+                callbacks.append(PlainProgress())
+        if config.get("logger") in (None, True):  # validate/test log apart: the fit's metrics.csv stays the fit's
+            config["logger"] = RunLogger(root if self.subcommand in (None, "fit") else root / self.subcommand)
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -109,7 +227,16 @@ class DeftCLI(LightningCLI):
                     callback.dirpath = str(checkpoints)
             callbacks += [PreemptionCheckpoint(checkpoints / "last.ckpt"), RandomStates()]
         callbacks.append(ContinuousMetricsLog(root / "metrics.csv"))
-        return super()._instantiate_trainer(config, callbacks)
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except MisconfigurationException as err:
+            if "No supported gpu backend found" not in str(err):
+                raise
+            raise CommandError(
+                f"trainer.accelerator={config.get('accelerator')} asks for GPUs and this machine has none (configs/"
+                "fsdp.yaml is written for 8); to try the same strategy on the CPU add --trainer.accelerator cpu "
+                "--trainer.devices 2 --trainer.precision 32-true"
+            ) from None
 
     def before_fit(self) -> None:
         checkpoints = self.run_dir() / "checkpoints"
@@ -134,6 +261,8 @@ class DeftCLI(LightningCLI):
                 f"{checkpoints} already holds checkpoints of an earlier run; resume it with --ckpt_path last "
                 "(or --ckpt_path auto), or start a new run with --trainer.default_root_dir <new dir>"
             )
+        if settings.get("weights_only") is None:
+            settings["weights_only"] = True  # our checkpoints hold plain data only (objectives as class_path dicts)
         remove_unpublished(checkpoints)
         self.model.check_run(self.trainer, self.datamodule)  # before any data is prepared or weight is read
         if settings.get("ckpt_path"):
@@ -161,14 +290,16 @@ class DeftCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> DeftCLI:
     """Run the CLI; ``run=False`` only builds trainer, model and data (no subcommand in ``args``)."""
+    silence_noise()
     return DeftCLI(
         DeftModule,
         L.LightningDataModule,
+        parser_class=OneLineErrors,
         subclass_mode_data=True,
         seed_everything_default=1,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"precision": None},  # None: chosen by device (resolve_precision)
-        args=args,
+        args=None if args == sys.argv[1:] else args,  # the same list: LightningCLI reads it itself, without a warning
         run=run,
     )

@@ -85,7 +85,9 @@ def _run_settings(checkpoint: Path) -> dict[str, Any]:
 def resolve_model(
     name: str, path: Path, tokenizer_dir: Path | None = None, prompt_style: str | None = None
 ) -> ModelRef:
-    """Where the weights, tokenizer and prompt style of model ``name`` come from; errors name the path."""
+    """Where the weights, tokenizer and prompt style of model ``name`` come from; errors name the path. ``path``: a
+    LitGPT checkpoint directory, a fit's ``.ckpt`` (or sharded checkpoint), or a run directory (its newest
+    checkpoint)."""
     from deft_lightning.model import resolve_model_config
     from deft_lightning.prepare_model import CheckpointError, validate_checkpoint_dir
 
@@ -95,6 +97,13 @@ def resolve_model(
     settings: dict[str, Any] = {}
     base = None
     hparams: dict[str, Any] = {}
+    if path.is_dir() and not (path / "lit_model.pth").exists() and (path / "checkpoints").is_dir():  # a run directory
+        from deft_lightning.checkpointing import newest_checkpoint
+
+        newest = newest_checkpoint(path / "checkpoints")
+        if newest is None:
+            raise CheckpointError(f"model '{name}': the run directory '{path}' has no complete checkpoint")
+        path = newest
     if path.is_dir() and not is_sharded(path):
         validate_checkpoint_dir(path, ("lit_model.pth", "model_config.yaml"))
         config = resolve_model_config(None, None, path)

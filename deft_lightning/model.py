@@ -13,7 +13,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -104,8 +104,9 @@ class DeftModule(L.LightningModule):
             path, for debugging). Batch-dependent objectives, soft-capped logits and a biased head use the plain
             path either way; validation never materializes them.
         tie_embeddings: share one matrix between the input embeddings and the output head, as the Hugging Face
-            originals of SmolLM2, Qwen2.5-0.5B/1.5B and Llama-3.2 do (LitGPT unties them on import); the
-            checkpoint's two matrices must be equal.
+            originals of SmolLM2, Qwen2.5-0.5B/1.5B and Llama-3.2 do (LitGPT unties them on import, so a fine-tune
+            would train an untied copy: 162 M parameters instead of SmolLM2's 135 M). ``auto`` (default): tie when
+            the checkpoint's head equals its embeddings; ``true`` requires that; ``false`` never ties.
         lora: train LoRA adapters instead of the whole model (:mod:`deft_lightning.lora`), e.g.
             ``--model.lora.r 8 --model.lora.alpha 16``.
     """
@@ -126,7 +127,7 @@ class DeftModule(L.LightningModule):
         loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         activation_checkpointing: bool = False,
         fused: bool = True,
-        tie_embeddings: bool = False,
+        tie_embeddings: bool | Literal["auto"] = "auto",
         lora: LoRA | None = None,
     ) -> None:
         super().__init__()
@@ -143,6 +144,7 @@ class DeftModule(L.LightningModule):
         self.strict_loading = self.lora is None  # LoRA checkpoints may hold the adapters only
         self.automatic_optimization = False  # we accumulate micro-batches ourselves (global token mean)
         self.model: GPT | None = None
+        self.tied = False  # whether configure_model shared the head with the embeddings
         self._checked = False  # check_run passed (the CLI runs it before fit; setup would again)
         self.skipped_steps = 0
         #: > 0: keep a random sample of this many trainable tokens' statistics of the next step in `token_sample`
@@ -173,13 +175,25 @@ class DeftModule(L.LightningModule):
                     f"'{self.hparams.checkpoint_dir}/lit_model.pth' does not fit its model_config.yaml: "
                     f"{str(err).splitlines()[0]}"
                 ) from None
-        if self.hparams.tie_embeddings:
+        tie = self.hparams.tie_embeddings
+        self.tied = self._heads_equal() if tie == "auto" else bool(tie)
+        if self.tied:
             self._tie_embeddings()
         strategy = self.trainer.strategy if self._trainer else None
         if self.hparams.activation_checkpointing and not isinstance(strategy, FSDPStrategy):
             checkpoint_blocks(self.model)  # FSDP1 wraps first, then checkpoints (BlockFSDPStrategy)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             shard_blocks(self.model, self.device_mesh["data_parallel"])
+
+    def _heads_equal(self) -> bool:
+        """The checkpoint's output head equals its input embeddings (a tied original, untied by LitGPT on import)."""
+        linear = getattr(self.model.lm_head, "linear", self.model.lm_head)
+        embeddings = self.model.transformer.wte.weight
+        return (
+            self.hparams.checkpoint_dir is not None
+            and embeddings.shape == linear.weight.shape
+            and torch.equal(embeddings, linear.weight)
+        )
 
     def _tie_embeddings(self) -> None:
         linear = getattr(self.model.lm_head, "linear", self.model.lm_head)  # a LoRA head wraps the linear
@@ -460,6 +474,7 @@ class DeftModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["tied_embeddings"] = self.tied
         checkpoint["working_directory"] = os.getcwd()  # relative paths of the config (loading resolves them here)
         # LoRA: the frozen base is read back from checkpoint_dir, except under sharded strategies, whose
         # distributed-checkpoint loader needs every key it is given
@@ -469,3 +484,14 @@ class DeftModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        trained_tied = checkpoint.get("tied_embeddings")
+        state = checkpoint.get("state_dict", {})
+        head, embeddings = state.get("model.lm_head.weight"), state.get("model.transformer.wte.weight")
+        if trained_tied is None and head is not None and embeddings is not None:  # written before the flag
+            trained_tied = torch.equal(head, embeddings)
+        if trained_tied is not None and trained_tied != self.tied:  # loading would silently overwrite one of them
+            raise CheckpointError(
+                f"the checkpoint was trained with {'tied' if trained_tied else 'untied'} embeddings and this run "
+                f"{'ties' if self.tied else 'unties'} them; resume with --model.tie_embeddings "
+                f"{str(trained_tied).lower()}"
+            )

@@ -158,15 +158,33 @@ def run_cell(cell_dir: Path, config: dict[str, Any], label: str) -> dict[str, An
     return record
 
 
+def dotted(assignment: str) -> dict[str, Any]:
+    """``trainer.max_steps=20`` as ``{"trainer": {"max_steps": 20}}`` (the value read as YAML)."""
+    key, separator, value = assignment.partition("=")
+    if not separator or not key.strip():
+        raise GridError(f"--set {assignment!r}: expected key=value, e.g. trainer.max_steps=20")
+    nested: Any = yaml.safe_load(value)
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
 def run_sweep(
-    grid_path: Path, regimes: list[str] | None = None, objectives: list[str] | None = None, dry_run: bool = False
+    grid_path: Path,
+    regimes: list[str] | None = None,
+    objectives: list[str] | None = None,
+    dry_run: bool = False,
+    overrides: list[str] = (),
 ) -> dict[str, str]:
-    """Fit, evaluate and tabulate every selected cell; returns the printed tables per (regime, backbone)."""
+    """Fit, evaluate and tabulate every selected cell; returns the printed tables per (regime, backbone).
+    ``overrides`` (``key=value``) change the fit config every cell starts from, e.g. ``trainer.max_steps=20``."""
     from deft_lightning.analysis.run import trajectory
     from deft_lightning.evaluation.run import evaluate, parse_config
     from deft_lightning.objectives import named_in
 
     grid = load_grid(grid_path)
+    for assignment in overrides:
+        grid["fit"] = deep_merge(grid["fit"], dotted(assignment))
     objectives = [named_in(grid["objectives"], name) for name in objectives] if objectives else None
     for chosen, key in ((regimes, "regimes"), (objectives, "objectives")):
         missing = sorted(set(chosen or []) - set(grid[key]))
@@ -206,7 +224,7 @@ def run_sweep(
             parse_config(["--config", _write_yaml(out / regime / backbone / "evaluate.yaml", eval_config)])
     if dry_run:
         for cell, config in configs.items():
-            print(f"{'/'.join(map(str, cell))}: {json.dumps(config)[:200]}…")
+            print(f"# {'/'.join(map(str, cell))}\n{yaml.safe_dump(config, sort_keys=False, allow_unicode=True)}")
         return {}
 
     started = time.perf_counter()
@@ -245,10 +263,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--regimes", nargs="+", help="run only these regimes")
     parser.add_argument("--objectives", nargs="+", help="run only these objectives (table rows)")
     parser.add_argument("--dry-run", action="store_true", help="print every cell's config and stop")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change every cell's fit config, e.g. trainer.max_steps=20",
+    )
     from deft_lightning.objectives import ascii_objective_arguments
 
     args = parser.parse_args(ascii_objective_arguments(sys.argv[1:] if argv is None else argv))
     try:
-        run_sweep(args.config, args.regimes, args.objectives, args.dry_run)
+        run_sweep(args.config, args.regimes, args.objectives, args.dry_run, args.set)
     except RuntimeError as err:  # a cell's fit or evaluation failed; its output says why
         raise CommandError(str(err)) from None

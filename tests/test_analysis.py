@@ -175,8 +175,10 @@ def test_trajectory_from_a_metrics_log(tmp_path):
         ("1", "0.3", "0.4"),
         ("2", "0.5", "0.6"),
     ]
+    with pytest.raises(ValueError, match="trajectory.png and .*trajectory.csv exist from an earlier analysis"):
+        analyze(["trajectory", str(run), "--labels", "r", "--out", str(tmp_path / "out")])  # nothing overwritten
     with pytest.raises(FileNotFoundError, match="metrics.csv not found"):
-        analyze(["trajectory", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+        analyze(["trajectory", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--force"])
 
 
 @pytest.mark.slow

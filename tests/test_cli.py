@@ -111,17 +111,22 @@ def test_custom_objective_outside_the_package(tmp_path, monkeypatch):
 
 def test_validate_and_test_subcommands(tmp_path):
     data = f"--data.init_args.test={{class_path: FileSource, init_args: {{path: {ROOT / 'data/tiny/val.jsonl'}}}}}"
+    main(fit_args(tmp_path, steps=2))
+    fit_log = (tmp_path / "run/metrics.csv").read_text()
     cli = main(["validate", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path / 'run'}", data])
     assert "val/nll" in cli.trainer.callback_metrics
+    assert (tmp_path / "run/metrics.csv").read_text() == fit_log  # validation logs apart, not as a second step 0
+    assert "val/nll" in (tmp_path / "run/validate/metrics.csv").read_text()
     cli = main(["test", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path / 'run'}", data])
     nll = float(cli.trainer.callback_metrics["test/nll"])
     assert 0 < nll < 10
 
 
-def test_unknown_objective_is_a_clear_cli_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_unknown_objective_is_a_clear_cli_error(tmp_path):
+    from deft_lightning.errors import CommandError
+
+    with pytest.raises(CommandError, match="NoSuchLoss is not an objective; use one of"):
         main(fit_args(tmp_path, "--model.objective=NoSuchLoss"))
-    assert "NoSuchLoss" in capsys.readouterr().err
 
 
 def test_bad_data_file_fails_before_training(tmp_path):

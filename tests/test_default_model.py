@@ -135,9 +135,9 @@ def test_three_turn_conversation_trains_exactly_the_assistant_turns(checkpoint_d
     assert [token for token, keep in zip(ids, trained, strict=True) if keep] == expected
 
 
-def test_export_of_a_smollm2_fine_tune_unties_its_heads_and_keeps_its_logits(checkpoint_dir, tmp_path):
-    """2 DEFT steps of SmolLM2 (tied in Hugging Face, untied by LitGPT): the heads now differ, so the export says
-    tie_word_embeddings: false and keeps both; transformers' logits equal the module's."""
+def test_a_smollm2_fine_tune_trains_tied_and_exports_tied_with_its_logits(checkpoint_dir, tmp_path):
+    """2 DEFT steps of SmolLM2 (tied in Hugging Face, untied by LitGPT on import): tied again by default, so it
+    trains 135 M parameters, not 162 M, and exports one matrix; transformers' logits equal the module's."""
     import json
     import subprocess
     import sys
@@ -159,12 +159,13 @@ def test_export_of_a_smollm2_fine_tune_unties_its_heads_and_keeps_its_logits(che
     ]  # fmt: skip
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Total params: 134 M" in result.stdout and "162 M" not in result.stdout  # the model summary
     started = time.perf_counter()
     out = export(run / "checkpoints/last.ckpt", tmp_path / "hf", "hf")
     seconds, size = time.perf_counter() - started, sum(p.stat().st_size for p in out.iterdir())
     print(f"SmolLM2 export: {seconds:.1f} s, {size / 2**20:.0f} MiB")
     config = json.loads((out / "config.json").read_text())
-    assert config["tie_word_embeddings"] is False and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is True and config["architectures"] == ["LlamaForCausalLM"]
     # not <|im_end|> (2), which every example trains: transformers would freeze its embedding row
     assert config["pad_token_id"] == 0 and json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 0
     assert AutoTokenizer.from_pretrained(out).pad_token == "<|endoftext|>"

@@ -373,7 +373,7 @@ def test_evaluate_command_compares_fit_checkpoints_and_fit_logs_a_benchmark(tmp_
     table = done.stdout[done.stdout.index("math (avg@2, %)") :].splitlines()
     assert [line.split()[0] for line in table[3:5]] == ["deft", "nll"]
     bad = subprocess.run([*command, "--models", "{x: nowhere.ckpt}"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode != 0 and "error: model 'x': 'nowhere.ckpt' is neither" in bad.stderr
+    assert bad.returncode != 0 and "error: model 'x': 'nowhere.ckpt' does not exist" in bad.stderr
 
 
 def test_similarity_scorer():

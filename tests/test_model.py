@@ -298,3 +298,28 @@ def test_tie_embeddings_shares_one_matrix_and_refuses_an_untied_checkpoint(tmp_p
     save_config(config, tmp_path)
     with pytest.raises(CheckpointError, match="trained untied"):
         DeftModule(checkpoint_dir=tmp_path, tie_embeddings=True).configure_model()
+
+
+def test_tie_embeddings_auto_ties_exactly_the_checkpoints_whose_heads_are_equal(tmp_path):
+    """LitGPT unties a tied original on import (SmolLM2: 162 M parameters trained instead of 135 M): `auto` ties
+    again when the two matrices are equal, leaves trained-apart heads alone, and a resume refuses a checkpoint
+    trained the other way (loading it would overwrite one matrix with the other)."""
+    config = Config(**TINY)
+    untied = GPT(config).state_dict()
+    tied = {**untied, "lm_head.weight": untied["transformer.wte.weight"].clone()}
+    for name, state in (("tied", tied), ("untied", untied)):
+        (tmp_path / name).mkdir()
+        torch.save(state, tmp_path / name / "lit_model.pth")
+        save_config(config, tmp_path / name)
+    module = DeftModule(checkpoint_dir=tmp_path / "tied")
+    module.configure_model()
+    assert module.tied and module.model.lm_head.weight is module.model.transformer.wte.weight
+    unique = sum(p.numel() for p in module.model.parameters())
+    assert unique == sum(v.numel() for k, v in tied.items() if k != "lm_head.weight")
+    apart = DeftModule(checkpoint_dir=tmp_path / "untied")
+    apart.configure_model()
+    assert not apart.tied and apart.model.lm_head.weight is not apart.model.transformer.wte.weight
+    saved = {"state_dict": {f"model.{k}": v for k, v in untied.items()}}  # written before the flag existed
+    with pytest.raises(CheckpointError, match="trained with untied embeddings .* --model.tie_embeddings false"):
+        module.on_load_checkpoint(saved)
+    apart.on_load_checkpoint({**saved, "tied_embeddings": False})

@@ -48,8 +48,8 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
 
 
-def start_and_interrupt(run_dir: Path, until, sig: int, *extra: str) -> None:
-    """Start a fit and send `sig` once `until(run_dir)` holds."""
+def start_and_interrupt(run_dir: Path, until, sig: int, *extra: str) -> int:
+    """Start a fit and send `sig` once `until(run_dir)` holds; the fit's exit status."""
     process = subprocess.Popen(
         command(run_dir, *extra), cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -59,7 +59,7 @@ def start_and_interrupt(run_dir: Path, until, sig: int, *extra: str) -> None:
         assert time.time() < deadline
         time.sleep(0.005)
     process.send_signal(sig)
-    process.wait(timeout=120)
+    return process.wait(timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +111,14 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, referen
     assert not list((run_dir / "checkpoints").glob(".*.tmp-*"))  # the next write of that file replaced it
 
 
-def test_sigterm_writes_a_resumable_checkpoint(tmp_path, reference):
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_write_a_resumable_checkpoint_and_exit_non_zero(tmp_path, reference, sig, status):
+    """Preemption (SIGTERM) and Ctrl-C (SIGINT) finish the step, save last.ckpt there and exit 128 + the signal,
+    so a scheduler can tell a stopped run from a finished one; the resume is exact."""
     run_dir = tmp_path / "run"
-    start_and_interrupt(run_dir, reached(EVERY + 2), signal.SIGTERM)
+    assert start_and_interrupt(run_dir, reached(EVERY + 2), sig) == status
     step = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"]
-    assert step > EVERY  # taken at preemption, not the last periodic one
+    assert step > EVERY  # taken at the signal, not the last periodic one
     run(run_dir, "--ckpt_path=last")
     assert_same_run(run_dir, reference)
 

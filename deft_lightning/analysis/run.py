@@ -398,8 +398,15 @@ def main(argv: list[str] | None = None) -> None:
     for sub in kinds.choices.values():
         sub.add_argument("--out", type=Path, default=Path("runs/analysis"), help="output directory")
         sub.add_argument("--name", help="output file stem (default: the kind)")
+        sub.add_argument("--force", action="store_true", help="replace outputs of an earlier analysis")
     args = parser.parse_args(argv)
     out = args.out / (args.name or args.kind)
+    taken = [str(path) for path in (out.with_suffix(".png"), out.with_suffix(".csv")) if path.exists()]
+    if taken and not args.force:
+        raise ValueError(
+            f"{' and '.join(taken)} exist from an earlier analysis; choose another --name (or --out), or pass --force "
+            "to replace them"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.kind == "trajectory":
         labels = args.labels or [run.name for run in args.runs]

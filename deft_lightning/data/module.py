@@ -356,10 +356,18 @@ class SFTDataModule(L.LightningDataModule):
             if self.sources[split] is None and split != "val":
                 raise ValueError(f"`{stage}` needs data.{split}")
         for split in splits:
-            if self.sources[split] is not None and split not in self.datasets:
-                self.datasets[split], self.reports[split] = self._prepare(split)
+            if self.sources[split] is not None:
+                self.split(split)
         if stage == "fit":
             self.print_summary()
+
+    def split(self, name: str):
+        """The tokenized split ``name`` (``train``, ``val``, ``test``) as a fit sees it: prepared once, cached."""
+        if name not in self.datasets:
+            if self.sources.get(name) is None:
+                raise ValueError(f"the data config has no {name} source (data.{name})")
+            self.datasets[name], self.reports[name] = self._prepare(name)
+        return self.datasets[name]
 
     def _cache_key(self, source: Source) -> str:
         """Everything that decides the token ids: the tokenizer files (a ``chat_template.jinja`` is read before
@@ -398,7 +406,12 @@ class SFTDataModule(L.LightningDataModule):
         read = RowReport()
         report = SplitReport(source=source.name)
         columns: dict[str, list] = {name: [] for name in ("input_ids", "labels", "length", *TEXT_COLUMNS)}
-        rows = tqdm(source.rows(read, self.on_bad_row), desc=f"{split}: {source.name}", unit=" rows")
+        rows = tqdm(
+            source.rows(read, self.on_bad_row),
+            desc=f"{split}: {source.name}",
+            unit=" rows",
+            total=source.expected_rows(),
+        )
         for index, row in enumerate(rows):
             try:
                 input_ids, labels, truncated = encode_example(self.prompter, row, self.max_seq_length, self.train_on)
@@ -452,6 +465,11 @@ class SFTDataModule(L.LightningDataModule):
         return [{**row, "messages": json.loads(row["messages"])} if "messages" in row else row for row in rows]
 
     def print_summary(self) -> None:
+        rank_zero_info(f"\n{self.summary()}")
+
+    def summary(self) -> str:
+        """The table of every prepared split: examples, conversations, bad/dropped/truncated rows, tokens, the
+        trainable share, padding under the training order, preparation time."""
         header = (
             "split",
             "source",
@@ -468,7 +486,8 @@ class SFTDataModule(L.LightningDataModule):
         lines = []
         for split, report in self.reports.items():
             lengths = self.datasets[split]["length"]
-            order = self._train_sampler_order(lengths) if split == "train" else list(range(len(lengths)))
+            batches = self.batch_order(lengths) if split == "train" else [list(range(len(lengths)))]
+            order = [index for batch in batches for index in batch]
             lines.append(
                 (
                     split,
@@ -485,12 +504,14 @@ class SFTDataModule(L.LightningDataModule):
                 )
             )
         title = f"Data ({self.regime} regime, max_seq_length={self.max_seq_length})"
-        rank_zero_info(f"\n{title}\n{format_table(header, lines)}")
+        return f"{title}\n{format_table(header, lines)}"
 
     # ------------------------------------------------------------------ loaders
 
-    def _train_sampler_order(self, lengths: list[int]) -> list[int]:
-        return GlobalBatchSampler(lengths, self.batch_size, self.seed, length_grouping=self.length_grouping).order(0)
+    def batch_order(self, lengths: list[int]) -> list[list[int]]:
+        """The training rows of each optimizer step of the first epoch (one process with the global batch)."""
+        sampler = GlobalBatchSampler(lengths, self.batch_size, self.seed, length_grouping=self.length_grouping)
+        return sampler.global_batches(0)
 
     def train_dataloader(self) -> StatefulDataLoader:
         dataset = self.datasets["train"]

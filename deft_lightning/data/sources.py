@@ -159,6 +159,10 @@ class Source:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    def expected_rows(self) -> int | None:
+        """How many rows ``rows()`` will read, when known up front (a progress bar's total)."""
+        return getattr(self, "count", None) or getattr(self, "total", None) or getattr(self, "limit", None)
+
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

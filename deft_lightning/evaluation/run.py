@@ -153,6 +153,8 @@ def evaluate(
     prompt_style: str | None = None,
     reuse: bool = True,
     backend: Backend = "litgpt",
+    limit: int | None = None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every model on every benchmark and write the results (see the module docstring).
 
@@ -169,6 +171,8 @@ def evaluate(
         backend: ``litgpt`` (default), ``hf`` (transformers on an exported directory) or ``vllm`` (GPU hosts, an
             optional extra); same prompts, seeds, sampling settings and scorers (see
             :mod:`deft_lightning.evaluation.backends`).
+        limit: at most this many items per benchmark (a quick look; cells are keyed by their item count).
+        dry_run: check models, benchmarks and prompt lengths, print what would run, and stop before loading a model.
     """
     if backend not in BACKENDS:
         raise ValueError(f"evaluate: backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
@@ -189,7 +193,9 @@ def evaluate(
 
     # everything that can be wrong is checked before the first model is loaded
     refs = [resolve_model(n, p, tokenizer_dir, prompt_style) for n, p in models.items()]
-    items = {b.name: b.items() for b in benchmarks}
+    if limit is not None and limit < 1:
+        raise ValueError(f"evaluate: --limit must be >= 1, got {limit}")
+    items = {b.name: b.items()[:limit] for b in benchmarks}
     # once per run: a spec fingerprints its source (file contents, the hub's current revision)
     specs = {b.name: b.spec() for b in benchmarks}
     prompters: dict[tuple[Path, str, str | None], Prompter] = {}
@@ -209,6 +215,15 @@ def evaluate(
                     f"{ref.config.block_size}"
                 )
 
+    if dry_run:
+        plan = [(r.name, str(r.path), r.prompt_style) for r in refs]
+        rows = [
+            (b.name, b.suite, len(items[b.name]), b.max_new_tokens, b.sampling(batch_size).num_samples)
+            for b in benchmarks
+        ]
+        print(format_table(("model", "checkpoint", "prompt style"), plan), flush=True)
+        print(format_table(("benchmark", "suite", "items", "max new tokens", "samples"), rows), flush=True)
+        return {"cells": [], "tables": ""}
     out_dir = Path(out_dir)
     results_file = out_dir / "results.json"
     previous = json.loads(results_file.read_text()).get("cells", []) if results_file.is_file() else []
@@ -232,7 +247,8 @@ def evaluate(
         for benchmark in benchmarks:
             sampling = benchmark.sampling(batch_size)
             spec = specs[benchmark.name]
-            key = _digest([ref.fingerprint(), ref.system_prompt, spec, sampling, seed, precision, backend])
+            count = len(items[benchmark.name])
+            key = _digest([ref.fingerprint(), ref.system_prompt, spec, sampling, seed, precision, backend, count])
             generations = Path("generations") / ref.name / f"{benchmark.name}.jsonl"
             if key in earlier and (out_dir / generations).is_file():
                 cells.append({**earlier[key], "reused": True})
