@@ -44,7 +44,7 @@ evaluate: model
 
 # the reduced miniature continuum (weak + strong, NLL / −p / DEFT) on SmolLM2; about 45 min on 2 CPU cores
 sweep-mini: model
-	$(PY) -m deft_lightning sweep --config configs/grids/miniature.yaml --regimes weak strong --objectives NLL −p DEFT
+	$(PY) -m deft_lightning sweep --config configs/grids/miniature.yaml --regimes weak strong --objectives NLL -p DEFT
 
 bench: setup
 	$(PY) -m deft_lightning bench loss --size smollm2

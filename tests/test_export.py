@@ -302,3 +302,4 @@ def test_export_and_evaluate_work_from_another_directory(neox, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "lit/tokenizer.json").read_bytes() == (ROOT / "data/tiny/tokenizer/tokenizer.json").read_bytes()
     assert resolve_model("m", neox).tokenizer_dir.resolve() == (ROOT / "data/tiny/tokenizer").resolve()
+    assert resolve_model("m", neox.parent.parent).path == neox  # a run directory: its newest checkpoint
