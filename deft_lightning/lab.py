@@ -594,9 +594,13 @@ def run_lab(
                 _merge(results, seed, cells)
                 bar.update(1 + len(regimes) * len(objectives))
     else:
+        threads = torch.get_num_threads()
         _one_thread()
-        for job in jobs:
-            _merge(results, job[1], _seed_cells(job, bar))
+        try:
+            for job in jobs:
+                _merge(results, job[1], _seed_cells(job, bar))
+        finally:
+            torch.set_num_threads(threads)
     bar.close()
     priors = {}
     for regime in regimes:
