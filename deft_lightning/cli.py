@@ -123,25 +123,11 @@ def one_line(message: str, options: list[str]) -> str:
         return objective_error(given or "", " ".join(details))
     text = " ".join(details) or (key_match.group(2).strip() if key_match else message.strip())
     unknown = re.search(r"Unrecognized arguments: (--?[\w.\-]+)", text)
-    if unknown:
+    if unknown and key is None:  # nested sections (model.lora) get theirs from their own parser of this class
         name = unknown.group(1).split("=")[0]
-        candidates = options if key is None else [f"--{field}" for field in sub_options(key)]
-        guess = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-        where = f"--{key}: unknown option {name.lstrip('-')}" if key else f"unknown option {name}"
-        suggestion = f"did you mean {guess[0] if key is None else guess[0].lstrip('-')}?" if guess else ""
-        return f"{where}; {suggestion or 'see --help for the options'}"
+        guess = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        return f"unknown option {name}; {f'did you mean {guess[0]}?' if guess else 'see --help for the options'}"
     return f"--{key}: {text}" if key else text
-
-
-def sub_options(key: str) -> list[str]:
-    """The fields of a config section given as one value (``model.lora``), for 'did you mean'."""
-    if key == "model.lora":
-        from dataclasses import fields
-
-        from deft_lightning.lora import LoRA
-
-        return [field.name for field in fields(LoRA)]
-    return []
 
 
 def objective_error(given: str, details: str) -> str:
@@ -168,6 +154,14 @@ def objective_error(given: str, details: str) -> str:
 
 
 class DeftCLI(LightningCLI):
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:  # a class's own refusal, wrapped by jsonargparse in its union report
+            if "Does not validate against" not in str(err):
+                raise
+            raise CommandError(one_line(str(err), [])) from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FitSummary, "summary")
         parser.add_lightning_class_args(ExportOnFitEnd, "export")

@@ -325,8 +325,8 @@ class DeftModule(L.LightningModule):
         scale = self.trainer.world_size / global_tokens
 
         sampling = self.token_sample_size > 0
-        logging = self._is_logging_step()
-        needs = self.objective.needs | (MONITOR_NEEDS if logging or sampling else Needs())
+        log_now = self._is_logging_step()
+        needs = self.objective.needs | (MONITOR_NEEDS if log_now or sampling else Needs())
         fused = self.uses_fused_path()
         sums: dict[str, Tensor] = {}
         samples: list[dict[str, Tensor]] = []
@@ -359,7 +359,7 @@ class DeftModule(L.LightningModule):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if logging:  # Lightning writes rows only then; logging every step costs ~0.75 ms a metric and a collective
+        if log_now:  # Lightning writes rows only then; logging every step costs ~0.75 ms a metric and a collective
             self._log_step(sums, global_tokens, batch, started, grad_norm, learning_rate)
 
     def _log_step(

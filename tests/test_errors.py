@@ -78,6 +78,8 @@ def fit_case(name: str, tmp: Path) -> tuple[list[str], str]:
         return ["--ckpt_path=last"], r"last.ckpt' is a sharded checkpoint written by FSDP2; resume it with .*FSDP2S"
     if name == "sequence longer than the context":
         return ["--data.init_args.max_seq_length=1024"], r"max_seq_length=1024 exceeds the model's block_size=256"
+    if name == "default model not prepared":
+        return [f"--data.init_args.tokenizer_dir={tmp / 'absent'}"], r"absent' does not exist; .* prepare-model"
     if name == "missing checkpoint directory":
         return [f"--model.checkpoint_dir={tmp / 'absent'}"], r"absent' does not exist"
     if name == "resume with nothing to resume":
@@ -112,6 +114,7 @@ FIT_FAILURES = [
     "FSDP1 with LoRA",
     "sharded checkpoint without a sharded strategy",
     "sequence longer than the context",
+    "default model not prepared",
     "missing checkpoint directory",
     "resume with nothing to resume",
     "fresh start into a used run directory",

@@ -52,9 +52,10 @@ def test_every_shipped_fit_config_runs_one_step(tmp_path, tiny_backbone, name):
     assert "Fit summary" in result.stdout and (tmp_path / "run/checkpoints/last.ckpt").exists()
 
 
-def test_the_fsdp_config_on_a_machine_without_gpus_says_what_to_do(tmp_path):
+def test_the_fsdp_config_on_a_machine_without_gpus_says_what_to_do(tmp_path, tiny_backbone):
     command = [sys.executable, "-m", "deft_lightning", "fit", "--config", "configs/strong.yaml", "--config"]
     command += ["configs/fsdp.yaml", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    command += substitutes(yaml.safe_load((ROOT / "configs/strong.yaml").read_text()), tiny_backbone)
     result = run(command)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -303,6 +303,11 @@ class SFTDataModule(L.LightningDataModule):
         if train_on not in ("all_assistant", "last_assistant"):
             raise ValueError(f"data.train_on must be 'all_assistant' or 'last_assistant', got {train_on!r}")
         self.train_on = train_on
+        if not Path(tokenizer_dir).is_dir():
+            raise FileNotFoundError(
+                f"data.tokenizer_dir '{tokenizer_dir}' does not exist; for the offline default model run "
+                "`python -m deft_lightning prepare-model` (or `make model`), else point it at a model's directory"
+            )
         missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (Path(tokenizer_dir) / f).is_file()]
         if missing:
             raise FileNotFoundError(f"data.tokenizer_dir '{tokenizer_dir}' lacks {', '.join(missing)}")
