@@ -48,7 +48,10 @@ def sharded_layout(path: Path) -> str:
     with sharded state dicts), from the top-level groups of its ``torch.distributed.checkpoint`` index."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    keys = FileSystemReader(path).read_metadata().state_dict_metadata
+    return _layout(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def _layout(keys: Any) -> str:
     return "fsdp2" if any(key.startswith("state_dict.") for key in keys) else "fsdp1"
 
 
@@ -168,7 +171,7 @@ def _read_fit_state(ref: ModelRef, model: torch.nn.Module | None) -> dict[str, t
 
     reader = FileSystemReader(ref.path)
     keys = reader.read_metadata().state_dict_metadata
-    group = "state_dict" if sharded_layout(ref.path) == "fsdp2" else "model"
+    group = "state_dict" if _layout(keys) == "fsdp2" else "model"
     stored = {name: tensor for name, tensor in model.state_dict().items() if f"{group}.model.{name}" in keys}
     state = {group: {f"model.{name}": tensor for name, tensor in stored.items()}}
     try:
