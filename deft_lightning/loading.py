@@ -113,8 +113,9 @@ def resolve_model(
         default_tokenizer = base = path
     elif (path.is_file() and path.suffix == ".ckpt") or is_sharded(path):
         try:
-            metadata = path / "meta.pt" if is_sharded(path) else path
-            checkpoint = torch.load(metadata, map_location="cpu", mmap=True, weights_only=True)
+            from deft_lightning.checkpointing import read_metadata
+
+            checkpoint = read_metadata(path)
             hparams = dict(checkpoint["hyper_parameters"])
         except Exception as err:
             raise CheckpointError(f"cannot read '{path}' as a fit checkpoint ({type(err).__name__}: {err})") from None
