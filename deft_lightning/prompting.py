@@ -19,6 +19,7 @@ check and is an error naming the template and the turn, never a silently wrong m
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,6 +94,16 @@ class Prompter:
         """Token ids of the whole conversation (equal to ``apply_chat_template(messages, tokenize=True)``) and,
         for each, whether it is trained: the content and end-of-turn token of every assistant turn, or of the
         last one only (``train_on: last_assistant``)."""
+        ids, spans = self.conversation_spans(messages, train_on)
+        trained = [False] * len(ids)
+        for tokens in spans:
+            trained[tokens.start : tokens.stop] = [True] * len(tokens)
+        return ids, trained
+
+    def conversation_spans(
+        self, messages: list[dict[str, str]], train_on: TrainOn = "all_assistant"
+    ) -> tuple[list[int], list[range]]:
+        """Token ids of the whole conversation and the token ranges that are trained (see :meth:`conversation_ids`)."""
         if self._style is not None:
             raise ValueError(f"conversation rows need data.prompt_style: {CHAT_TEMPLATE} (got '{self.prompt_style}')")
         messages = self.with_system(messages)
@@ -101,7 +112,7 @@ class Prompter:
         spans = []
         for turn in turns[-1:] if train_on == "last_assistant" else turns:
             before = self._render(messages[:turn], generation_prompt=True)
-            through = self._render(messages[: turn + 1])
+            through = text if turn == len(messages) - 1 else self._render(messages[: turn + 1])
             if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
                 raise TemplateError(
                     f"the chat template of '{self.tokenizer_dir}' renders assistant turn {turn} differently once "
@@ -110,8 +121,7 @@ class Prompter:
                 )
             spans.append((len(before), len(through.rstrip())))  # content + end-of-turn, not the newline after
         encoding = self._encode_with_offsets(text)
-        trained = [any(start <= a and b <= end for start, end in spans) for a, b in encoding.offsets]
-        return list(encoding.ids), trained
+        return encoding.ids, [_tokens_within(encoding, start, end) for start, end in spans]
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
         try:
@@ -148,3 +158,12 @@ class Prompter:
         if self.tokenizer.backend == "huggingface":
             return self.tokenizer.processor.decode(ids, skip_special_tokens=False)
         return self.decode(ids)
+
+
+def _tokens_within(encoding: Any, start: int, end: int) -> range:
+    """The tokens whose characters lie within ``[start, end)`` of the encoded text: token offsets increase along
+    the text, so they are one run, found by bisection (a test per token cost as much as the tokenizer itself)."""
+    chars, count = encoding.token_to_chars, len(encoding.ids)
+    first = bisect_left(range(count), start, key=lambda token: chars(token)[0])
+    stop = bisect_right(range(count), end, key=lambda token: chars(token)[1])
+    return range(first, max(first, stop))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from deft_lightning.data import FileSource, MixtureSource, SFTDataModule
-from deft_lightning.data.module import IGNORE_INDEX, encode_example
+from deft_lightning.data.preparation import IGNORE_INDEX, encode_example
 from deft_lightning.data.sources import BadRowError, RowReport
 from deft_lightning.prompting import Prompter, TemplateError
 
@@ -157,7 +157,7 @@ def test_truncation_that_cuts_every_assistant_token_drops_the_conversation(tmp_p
 def test_conversations_need_a_chat_template(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": THREE_TURNS}])
     data = SFTDataModule(FileSource(path), TOKENIZER, prompt_style="alpaca", cache_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"train source chat.jsonl, row 0: conversation rows need data.prompt_style"):
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: conversation rows need data.prompt_style"):
         data.setup("fit")
 
 
