@@ -16,7 +16,7 @@ from deft_lightning.analysis.tokens import (
     probability_fractions,
     token_statistics,
 )
-from deft_lightning.data.module import encode_example
+from deft_lightning.data.preparation import encode_example
 from deft_lightning.loading import load_weights, resolve_model
 from deft_lightning.objectives import DEFT, EAFT, NLL, Cayley, Needs, Prob
 from deft_lightning.prompting import Prompter

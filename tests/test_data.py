@@ -303,20 +303,21 @@ def test_tokenizer_builder_round_trips(tmp_path):
 def test_a_second_writer_finishing_first_does_not_break_the_first(tmp_path, monkeypatch):
     """Two preparations of one cache entry overlap (ranks of a first multi-GPU fit): B starts after A and publishes
     while A is still writing. Each writes its own staging folder; A then reads B's entry (same tokens)."""
-    import datasets
+    from deft_lightning.data import module as data_module
 
     source = FileSource(ROOT / "data/tiny/train.jsonl")
     first, second = module(tmp_path, source), module(tmp_path, source)
-    save_to_disk = datasets.Dataset.save_to_disk
+    tokenize_source = data_module.tokenize_source
     overlapped = []
 
-    def slow_save(self, path, *args, **kwargs):
-        save_to_disk(self, path, *args, **kwargs)
+    def slow_tokenize(*args, **kwargs):
+        report = tokenize_source(*args, **kwargs)
         if not overlapped:
-            overlapped.append(path)
+            overlapped.append(args[2])
             second.setup("fit")  # B prepares and publishes the same entry before A finishes
+        return report
 
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", slow_save)
+    monkeypatch.setattr(data_module, "tokenize_source", slow_tokenize)
     first.setup("fit")
     assert overlapped and first.datasets["train"]["input_ids"] == second.datasets["train"]["input_ids"]
     assert [p.name for p in (tmp_path / "cache").iterdir() if ".partial" in p.name] == []
@@ -352,3 +353,61 @@ def test_cache_key_covers_every_input_of_the_token_ids(tmp_path):
     rows.write_text(json.dumps({"instruction": "say ho", "output": "hi"}) + "\n")  # same size
     os.utime(rows, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert rows.stat().st_size == stat.st_size and key() != base
+
+
+def chat_rows(path: Path, count: int) -> Path:
+    from deft_lightning.bench_data import write_chat_rows
+
+    return write_chat_rows(path, count, median_tokens=40, max_tokens=200)
+
+
+def test_preparation_on_two_processes_writes_what_one_process_writes(tmp_path):
+    """Rows stream through forked workers in batches and come back in order: the same token ids, labels, texts and
+    accounting as one process, truncation and dropped rows included."""
+    rows = chat_rows(tmp_path / "chat.jsonl", 1200)
+    prepared = {}
+    for processes in (1, 2):
+        data = module(tmp_path, FileSource(rows), prompt_style="chat_template", max_seq_length=96, num_proc=processes,
+                      cache_dir=tmp_path / f"cache{processes}")  # fmt: skip
+        data.setup("fit")
+        prepared[processes] = (data.datasets["train"].to_dict(), {**vars(data.reports["train"]), "seconds": 0})
+    assert prepared[1] == prepared[2]
+    report = prepared[2][1]
+    assert report["examples"] + report["dropped_truncated"] == 1200 and report["truncated"] > 0
+    assert report["dropped_truncated"] > 0  # a prompt longer than 96 tokens leaves no target
+
+
+def test_a_bad_row_deep_in_a_large_file_is_named_while_workers_run(tmp_path):
+    rows = chat_rows(tmp_path / "rows.jsonl", 1500)
+    lines = rows.read_text().splitlines()
+    lines[899] = '{"messages": [{"role": "user", "content": "hi"}]}'  # no assistant turn
+    rows.write_text("\n".join(lines) + "\n")
+    data = module(tmp_path, FileSource(rows), prompt_style="chat_template", num_proc=2)
+    with pytest.raises(BadRowError, match=r"rows.jsonl:900: 'messages' has no assistant turn"):
+        data.setup("fit")
+    assert not [path for path in (tmp_path / "cache").iterdir() if ".partial" in path.name]  # nothing half-written
+    skipping = module(tmp_path, FileSource(rows), prompt_style="chat_template", num_proc=2, on_bad_row="skip")
+    skipping.setup("fit")
+    report = skipping.reports["train"]
+    assert (report.examples + report.dropped_truncated, report.bad_rows_skipped) == (1499, 1)
+
+
+def test_a_row_a_worker_cannot_encode_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    good = json.dumps({"instruction": "say hi", "output": "hi"})
+    chat = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    path.write_text("\n".join([good] * 700 + [chat] + [good] * 100) + "\n")
+    with pytest.raises(ValueError, match=r"rows.jsonl:701: conversation rows need data.prompt_style: chat_template"):
+        module(tmp_path, FileSource(path), num_proc=2).setup("fit")
+
+
+def test_a_mixture_streams_its_sources_and_keeps_its_proportions(tmp_path):
+    chat = FileSource(chat_rows(tmp_path / "chat.jsonl", 300))
+    math = ReasoningGymMathSource(count=100)  # knows its size: no counting pass
+    mixture = MixtureSource([chat, math], [3, 1], total=200, seed=2)
+    report = RowReport()
+    rows = list(mixture.rows(report))
+    assert rows == list(mixture.rows(RowReport())) and report.read == 200
+    assert sum("\\boxed" in row["output"] for row in rows) == 50
+    assert len({(row["instruction"] if "instruction" in row else row["output"]) for row in rows}) == 200  # no repeats
+    assert sum("\\boxed" in row["output"] for row in rows[:100]) not in (0, 100)  # interleaved, not concatenated

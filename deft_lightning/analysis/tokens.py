@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from deft_lightning.data.module import IGNORE_INDEX, collate, encode_example
+from deft_lightning.data.module import IGNORE_INDEX, collate
+from deft_lightning.data.preparation import encode_example
 from deft_lightning.objectives import Objective
 from deft_lightning.prompting import Prompter
 from deft_lightning.statistics import Needs, TokenStats, target_log_probs

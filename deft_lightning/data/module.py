@@ -26,7 +26,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,66 +35,37 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
-from tqdm import tqdm
 
-from deft_lightning.data.sources import OPTIONAL_FIELDS, REQUIRED_FIELDS, RowReport, Source
+from deft_lightning.data.packing import PackedRows, best_fit_decreasing, bin_lengths
+from deft_lightning.data.preparation import (
+    TEXT_COLUMNS,
+    Encoder,
+    SplitReport,
+    encode_batch,
+    tokenize_source,
+)
+from deft_lightning.data.sources import RowReport, Source
 from deft_lightning.prompting import Prompter, TrainOn
 from deft_lightning.tables import format_table
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = 2  # bump when the tokenized layout or the encoding rules change
-
-
-@dataclass
-class SplitReport:
-    """Per-split accounting, printed before training and stored next to the cache."""
-
-    source: str
-    examples: int = 0
-    conversations: int = 0  # of the examples, how many are multi-turn conversations
-    bad_rows_skipped: int = 0
-    dropped_truncated: int = 0  # whole response cut away by max_seq_length
-    truncated: int = 0  # response partly cut, kept
-    tokens: int = 0
-    trainable_tokens: int = 0
-    seconds: float = 0.0
-    from_cache: bool = False
-
-
-def encode_example(
-    prompter: Prompter, row: dict[str, Any], max_seq_length: int, train_on: TrainOn = "all_assistant"
-) -> tuple[list[int], list[int], bool]:
-    """Token ids right-truncated to ``max_seq_length`` and labels that mask all but the trained tokens: the
-    response and its EOS of a single-turn row; the assistant turns (``train_on``) of a conversation.
-
-    Returns ``(input_ids, labels, truncated)``.
-    """
-    if row.get("messages"):
-        input_ids, trained = prompter.conversation_ids(row["messages"], train_on)
-        labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, trained, strict=True)]
-        return input_ids[:max_seq_length], labels[:max_seq_length], len(input_ids) > max_seq_length
-    prompt, response = prompter.prompt_ids(row), prompter.response_ids(row["output"])
-    input_ids = (prompt + response)[:max_seq_length]
-    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_seq_length]
-    return input_ids, labels, len(prompt) + len(response) > max_seq_length
-
-
-#: text kept next to the token ids, for generation and evaluation prompts (a conversation as JSON)
-TEXT_COLUMNS = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "messages")
-
-
-def _text_columns(row: dict[str, Any]) -> dict[str, str]:
-    texts = {name: row.get(name, "") for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)}
-    return {**texts, "messages": json.dumps(row["messages"]) if row.get("messages") else ""}
+CACHE_FORMAT = 3  # bump when the tokenized layout or the encoding rules change
 
 
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence of the batch (labels with IGNORE_INDEX)."""
+    """Right-pad to the longest sequence of the batch (labels with IGNORE_INDEX). Packed rows also carry
+    ``position_ids``; a row's padding gets positions from 0 again, an example of its own that no target is in."""
     pad = torch.nn.utils.rnn.pad_sequence
-    return {
+    batch = {
         "input_ids": pad([torch.as_tensor(ex["input_ids"]) for ex in examples], batch_first=True, padding_value=pad_id),
         "labels": pad([torch.as_tensor(ex["labels"]) for ex in examples], batch_first=True, padding_value=IGNORE_INDEX),
     }
+    if "position_ids" in examples[0]:
+        width = batch["input_ids"].shape[1]
+        batch["position_ids"] = torch.stack(
+            [torch.cat([ex["position_ids"], torch.arange(width - len(ex["position_ids"]))]) for ex in examples]
+        )
+    return batch
 
 
 class GlobalBatchSampler(DistributedSampler):
@@ -268,12 +239,17 @@ class SFTDataModule(L.LightningDataModule):
         max_seq_length: right-truncation length.
         batch_size: sequences per optimizer step per device (split into ``model.micro_batch_size``).
         num_workers: dataloader workers.
+        num_proc: processes that tokenize a split (default: every core this process may use).
         seed: shuffling seed.
         on_bad_row: ``error`` stops at the first malformed row (naming file, line, field and turn); ``skip``
             skips and counts them.
         train_on: for conversation rows, train every assistant turn (``all_assistant``) or only the last one
             (``last_assistant``); system, user and tool turns are never trained.
         length_grouping: batch sequences of similar length together to cut padding.
+        packing: train on rows of up to ``max_seq_length`` tokens that each hold several examples (best-fit
+            decreasing, :mod:`deft_lightning.data.packing`), positions restarting and attention confined to each
+            example; ``batch_size`` then counts packed rows. The loss is the same global token mean. Validation
+            and test batches stay unpacked.
         cache_dir: where tokenized splits are cached.
     """
 
@@ -294,8 +270,14 @@ class SFTDataModule(L.LightningDataModule):
         length_grouping: bool = False,
         cache_dir: Path = Path(".cache/deft_lightning"),
         train_on: TrainOn = "all_assistant",
+        num_proc: int | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
+        self.packing = packing
+        if num_proc is not None and num_proc < 1:
+            raise ValueError(f"data.num_proc must be >= 1, got {num_proc}")
+        self.num_proc = num_proc
         if max_seq_length < 2:
             raise ValueError(f"data.max_seq_length must be >= 2, got {max_seq_length}")
         if on_bad_row not in ("error", "skip"):
@@ -322,6 +304,7 @@ class SFTDataModule(L.LightningDataModule):
         self.prompter = Prompter(tokenizer_dir, prompt_style, system_prompt)
         self.tokenizer = self.prompter.tokenizer
         self.datasets: dict = {}
+        self._packed: tuple[list[list[int]], list[int]] | None = None  # training bins and their lengths
         self.reports: dict[str, SplitReport] = {}
         self._failed: Exception | None = None  # bad data met in prepare_data, raised in setup
 
@@ -395,65 +378,61 @@ class SFTDataModule(L.LightningDataModule):
         digest.update(json.dumps(settings).encode())
         return digest.hexdigest()[:20]
 
+    def _cache_path(self, split: str) -> Path:
+        return self.cache_dir / f"{split}-{self._cache_key(self.sources[split])}"
+
+    def is_prepared(self, split: str) -> bool:
+        """Whether the split's tokens are cached (then :meth:`split` only reads them)."""
+        return self.sources.get(split) is not None and (self._cache_path(split) / "report.json").is_file()
+
+    def preview(self, split: str, count: int) -> list[dict[str, Any]]:
+        """The first ``count`` examples of a split as a fit would train them (``input_ids``, ``labels``, ``length``),
+        read and encoded without preparing the rest of the split."""
+        encoder = Encoder(self.prompter, self.max_seq_length, self.train_on)
+        examples = []
+        for where, row in self.sources[split].located_rows(RowReport(), self.on_bad_row):
+            encoded = encode_batch(encoder, [row])
+            if encoded.error is not None:
+                raise ValueError(f"{where}: {encoded.error[1]}")
+            if encoded.kept:
+                ids, labels = encoded.input_ids.tolist(), encoded.labels.tolist()
+                examples.append({"input_ids": ids, "labels": labels, "length": len(ids)})
+            if len(examples) == count:
+                break
+        return examples
+
     def _prepare(self, split: str):
         import datasets
 
         source = self.sources[split]
-        path = self.cache_dir / f"{split}-{self._cache_key(source)}"
+        path = self._cache_path(split)
         if (path / "report.json").is_file():
             started = time.perf_counter()
-            dataset = datasets.load_from_disk(str(path / "tokens"))
+            dataset = datasets.Dataset.from_file(str(path / "tokens.arrow"))
             report = SplitReport(**{**json.loads((path / "report.json").read_text()), "from_cache": True})
             report.seconds = time.perf_counter() - started
             return dataset, report
 
-        started = time.perf_counter()
-        read = RowReport()
-        report = SplitReport(source=source.name)
-        columns: dict[str, list] = {name: [] for name in ("input_ids", "labels", "length", *TEXT_COLUMNS)}
-        rows = tqdm(
-            source.rows(read, self.on_bad_row),
-            desc=f"{split}: {source.name}",
-            unit=" rows",
-            total=source.expected_rows(),
-        )
-        for index, row in enumerate(rows):
-            try:
-                input_ids, labels, truncated = encode_example(self.prompter, row, self.max_seq_length, self.train_on)
-            except ValueError as err:
-                raise ValueError(f"{split} source {source.name}, row {index}: {err}") from None
-            trainable = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 is never a target
-            if trainable == 0:
-                report.dropped_truncated += 1
-                continue
-            report.truncated += truncated
-            report.tokens += len(input_ids)
-            report.trainable_tokens += trainable
-            columns["input_ids"].append(input_ids)
-            columns["labels"].append(labels)
-            columns["length"].append(len(input_ids))
-            report.conversations += bool(row.get("messages"))
-            for name, text in _text_columns(row).items():  # kept for generation and evaluation prompts
-                columns[name].append(text)
-        report.examples, report.bad_rows_skipped = len(columns["length"]), len(read.skipped)
-        for message in read.skipped[:5]:
-            rank_zero_info(f"skipped bad row: {message}")
-        if not report.examples and not read.read and not read.skipped:
-            raise ValueError(f"{split} source {source.name} has no rows (an empty file?)")
-        if not report.examples:
-            raise ValueError(
-                f"{split} source {source.name}: no example has a trainable token "
-                f"({report.dropped_truncated} responses truncated away at max_seq_length={self.max_seq_length}, "
-                f"{report.bad_rows_skipped} bad rows skipped)"
-            )
-        dataset = datasets.Dataset.from_dict(columns)
         # a staging folder of this process's own, renamed into place when complete: processes that prepare the
         # same entry at once (ranks without a shared prepare_data, two runs) never touch each other's files
         staging = path.with_name(f"{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        datasets.disable_progress_bars()  # the row progress bar above already covered this split
-        dataset.save_to_disk(str(staging / "tokens"))
-        datasets.enable_progress_bars()
-        report.seconds = time.perf_counter() - started
+        staging.mkdir(parents=True)
+        read = RowReport()
+        try:
+            report = tokenize_source(
+                source,
+                Encoder(self.prompter, self.max_seq_length, self.train_on),
+                staging / "tokens.arrow",
+                read,
+                self.on_bad_row,
+                self.num_proc,
+                label=f"{split} source {source.name}",
+            )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for message in read.skipped[:5]:
+            rank_zero_info(f"skipped bad row: {message}")
         (staging / "report.json").write_text(json.dumps(asdict(report)))  # written last: marks a complete entry
         if path.is_dir() and not (path / "report.json").is_file():  # an entry of an interrupted older layout
             shutil.rmtree(path, ignore_errors=True)
@@ -461,7 +440,7 @@ class SFTDataModule(L.LightningDataModule):
             staging.rename(path)
         except OSError:  # another process published the same entry first: use it
             shutil.rmtree(staging, ignore_errors=True)
-        return datasets.load_from_disk(str(path / "tokens")), report
+        return datasets.Dataset.from_file(str(path / "tokens.arrow")), report
 
     def examples(self, split: str, count: int) -> list[dict[str, Any]]:
         """The first ``count`` kept rows of a prepared split, as prompter rows (for predictions and evaluation)."""
@@ -490,8 +469,8 @@ class SFTDataModule(L.LightningDataModule):
         )
         lines = []
         for split, report in self.reports.items():
-            lengths = self.datasets[split]["length"]
-            batches = self.batch_order(lengths) if split == "train" else [list(range(len(lengths)))]
+            lengths = self.training_rows()[1] if split == "train" else self.lengths(split)
+            batches = self.batch_order() if split == "train" else [list(range(len(lengths)))]
             order = [index for batch in batches for index in batch]
             lines.append(
                 (
@@ -509,32 +488,58 @@ class SFTDataModule(L.LightningDataModule):
                 )
             )
         title = f"Data ({self.regime} regime, max_seq_length={self.max_seq_length})"
+        if self.packing and "train" in self.datasets:
+            rows, lengths = self.training_rows()
+            fill = sum(lengths) / (len(rows) * self.max_seq_length)
+            title += f"; packing: {len(self.datasets['train'])} examples in {len(rows)} rows ({fill:.1%} full)"
         return f"{title}\n{format_table(header, lines)}"
 
     # ------------------------------------------------------------------ loaders
 
-    def batch_order(self, lengths: list[int]) -> list[list[int]]:
-        """The training rows of each optimizer step of the first epoch (one process with the global batch)."""
+    def lengths(self, split: str) -> list[int]:
+        """Token count of every example of a prepared split."""
+        return self.datasets[split].data.column("length").to_pylist()
+
+    def training_rows(self) -> tuple[Any, list[int]]:
+        """What the training loader indexes, and each item's length: the examples, or with ``packing`` the packed
+        rows (:class:`~deft_lightning.data.packing.PackedRows`, computed once per split)."""
+        examples = self.datasets["train"].with_format(columns=["input_ids", "labels"])
+        if not self.packing:
+            return examples, self.lengths("train")
+        if self._packed is None:
+            lengths = self.lengths("train")
+            bins = best_fit_decreasing(lengths, self.max_seq_length)
+            self._packed = (bins, bin_lengths(lengths, bins))
+        bins, lengths = self._packed
+        return PackedRows(examples, bins), lengths
+
+    def batch_order(self) -> list[list[int]]:
+        """The training rows (:meth:`training_rows`) of each optimizer step of the first epoch (one process with the
+        global batch)."""
+        lengths = self.training_rows()[1]
         sampler = GlobalBatchSampler(lengths, self.batch_size, self.seed, length_grouping=self.length_grouping)
         return sampler.global_batches(0)
 
     def train_dataloader(self) -> StatefulDataLoader:
-        dataset = self.datasets["train"]
+        rows, lengths = self.training_rows()
         replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = GlobalBatchSampler(
-            dataset["length"], self.batch_size, self.seed, replicas, rank, length_grouping=self.length_grouping
+            lengths, self.batch_size, self.seed, replicas, rank, length_grouping=self.length_grouping
         )
-        return self._loader(dataset, TrainLoader, sampler=sampler)
+        return self._loader(rows, TrainLoader, sampler=sampler)
 
     def val_dataloader(self) -> StatefulDataLoader | list:
-        return self._loader(self.datasets["val"]) if "val" in self.datasets else []
+        return self._loader(self._examples("val")) if "val" in self.datasets else []
 
     def test_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.datasets["test"])
+        return self._loader(self._examples("test"))
 
-    def _loader(self, dataset, loader: type = StatefulDataLoader, **kwargs) -> StatefulDataLoader:
+    def _examples(self, split: str) -> Any:
+        return self.datasets[split].with_format(columns=["input_ids", "labels"])
+
+    def _loader(self, rows: Any, loader: type = StatefulDataLoader, **kwargs) -> StatefulDataLoader:
         return loader(
-            dataset.with_format(columns=["input_ids", "labels"]),
+            rows,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=collate,

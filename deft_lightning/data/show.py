@@ -3,9 +3,11 @@ config trains on, before anything is trained.
 
 Prints N examples of the split as the model sees them — the rendered text, special tokens included, with every
 trained token «marked» — and the split table a fit prints (examples, dropped and truncated rows, tokens, the
-trainable share, padding). ``--dump FILE`` writes the tokenized split in the order a one-process fit trains it:
-one JSON line per row with its optimizer ``step``, ``row`` index, ``input_ids`` and ``labels`` (−100: not trained).
-Uses the same preparation and cache as ``fit``; any fit option (``--data.init_args.max_seq_length 512``) applies.
+trainable share, padding) once the split is prepared; before that it reads and encodes only the rows it shows.
+``--dump FILE`` prepares the split and writes it in the order a one-process fit trains it: one JSON line per
+training row with its optimizer ``step``, ``row`` index, ``input_ids`` and ``labels`` (−100: not trained), and
+``position_ids`` for packed rows (``data.packing``). Uses the same preparation and cache as ``fit``; any fit option
+(``--data.init_args.max_seq_length 512``) applies.
 """
 
 from __future__ import annotations
@@ -50,23 +52,38 @@ def main(argv: list[str] | None = None) -> None:
     data = cli.datamodule
     if not hasattr(data, "split"):
         raise ValueError(f"`data` shows an SFTDataModule; the config's data is a {type(data).__name__}")
-    dataset = data.split(args.split)
-    if args.split == "train" and data.sources.get("val") is not None:
-        data.split("val")
+    if data.sources.get(args.split) is None:
+        raise ValueError(f"the data config has no {args.split} source (data.{args.split})")
     tokenizer = data.tokenizer.processor
     marks = ("\x1b[1;32m", "\x1b[0m") if sys.stdout.isatty() else ("«", "»")
-    for index in range(min(args.rows, len(dataset))):
-        row = dataset[index]
+    full = args.dump is not None or data.is_prepared(args.split)  # else read and encode only the rows shown
+    examples = data.split(args.split) if full else data.preview(args.split, args.rows)
+    for index in range(min(args.rows, len(examples))):
+        row = examples[index]
         print(f"── {args.split} row {index} ({row['length']} tokens, trained tokens marked)")
         print(render(tokenizer, row["input_ids"], row["labels"], marks))
+    if not full:
+        print(
+            f"\n(the first {len(examples)} rows, read and encoded for this view; `fit` prepares and caches the whole "
+            "split, after which this command also prints its table — or add --dump FILE to prepare it now)"
+        )
+        return
+    if args.split == "train" and data.sources.get("val") is not None:
+        data.split("val")
     print(f"\n{data.summary()}")
     if args.dump:
-        batches = data.batch_order(dataset["length"]) if args.split == "train" else [list(range(len(dataset)))]
+        rows, _ = data.training_rows() if args.split == "train" else (data.split(args.split), None)
+        batches = data.batch_order() if args.split == "train" else [list(range(len(rows)))]
         args.dump.parent.mkdir(parents=True, exist_ok=True)
         with args.dump.open("w") as handle:
             for step, batch in enumerate(batches):
                 for index in batch:
-                    row = dataset[index]
-                    record = {"step": step, "row": index, "input_ids": row["input_ids"], "labels": row["labels"]}
+                    row = rows[index]
+                    columns = [name for name in ("input_ids", "labels", "position_ids") if name in row]
+                    record = {"step": step, "row": index, **{name: _plain(row[name]) for name in columns}}
                     handle.write(json.dumps(record) + "\n")
-        print(f"\nwrote {args.dump}: {len(dataset)} rows in {len(batches)} steps of the first epoch")
+        print(f"\nwrote {args.dump}: {len(rows)} rows in {len(batches)} steps of the first epoch")
+
+
+def _plain(values) -> list[int]:
+    return values.tolist() if hasattr(values, "tolist") else list(values)

@@ -139,6 +139,13 @@ class Source:
     roles: Mapping[str, str] = {}
 
     def rows(self, report: RowReport, on_bad_row: Literal["error", "skip"] = "error") -> Iterator[dict[str, str]]:
+        """Validated rows, streamed (nothing is held but the row at hand)."""
+        return (row for _, row in self.located_rows(report, on_bad_row))
+
+    def located_rows(
+        self, report: RowReport, on_bad_row: Literal["error", "skip"] = "error"
+    ) -> Iterator[tuple[str, dict[str, str]]]:
+        """``(where, row)``: each validated row with where it was read (``file:line``), for later errors."""
         for where, raw in self.records():
             try:
                 if isinstance(raw, BadRowError):
@@ -150,7 +157,7 @@ class Source:
                 report.skipped.append(str(err))
                 continue
             report.read += 1
-            yield row
+            yield where, row
 
     def records(self) -> Iterator[tuple[str, Any]]:
         """``(where, raw record)`` pairs; a record may be a :class:`BadRowError` for unreadable lines."""
@@ -161,7 +168,11 @@ class Source:
 
     def expected_rows(self) -> int | None:
         """How many rows ``rows()`` will read, when known up front (a progress bar's total)."""
-        return getattr(self, "count", None) or getattr(self, "total", None) or getattr(self, "limit", None)
+        return self.exact_rows() or getattr(self, "limit", None)
+
+    def exact_rows(self) -> int | None:
+        """How many rows ``rows()`` yields, when the source knows without reading them (generated sources)."""
+        return None
 
 
 def _digest(*parts: Any) -> str:
@@ -254,8 +265,11 @@ def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for index, raw in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}: row {index}", raw
+        index = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # streamed, not the whole table
+            for raw in batch.to_pylist():
+                yield f"{path}: row {index}", raw
+                index += 1
         return
     if path.suffix == ".json":
         try:
@@ -409,6 +423,9 @@ class FigFontSource(Source):
                     {"instruction": item["question"], "output": item["answer"], "system": self.system},
                 )
 
+    def exact_rows(self) -> int:
+        return self.count
+
     def fingerprint(self) -> str:
         import pyfiglet
         import reasoning_gym
@@ -451,6 +468,9 @@ class ReasoningGymMathSource(Source):
                 },
             )
 
+    def exact_rows(self) -> int:
+        return self.count
+
     def fingerprint(self) -> str:
         import reasoning_gym
 
@@ -472,7 +492,9 @@ def mixture_counts(weights: list[float], total: int) -> list[int]:
 class MixtureSource(Source):
     """A weighted mixture: ``total`` rows, ``weights``-proportional from each source, drawn by ``seed``.
 
-    Each source contributes a seeded random subset without replacement (an error if it has too few rows).
+    Each source contributes a seeded random subset of its rows without replacement (an error if it has too few),
+    and the chosen rows of all sources come interleaved in a seeded random order. Rows are streamed: a first pass
+    counts each source's rows (skipped when the source knows its size), the second yields the chosen ones.
     """
 
     def __init__(self, sources: list[Source], weights: list[float], total: int, seed: int = 1) -> None:
@@ -482,20 +504,34 @@ class MixtureSource(Source):
         self.counts = mixture_counts(weights, total)
         self.name = "mixture(" + ", ".join(f"{s.name}×{c}" for s, c in zip(sources, self.counts, strict=True)) + ")"
 
-    def rows(self, report: RowReport, on_bad_row: Literal["error", "skip"] = "error") -> Iterator[dict[str, str]]:
+    def located_rows(
+        self, report: RowReport, on_bad_row: Literal["error", "skip"] = "error"
+    ) -> Iterator[tuple[str, dict[str, str]]]:
         rng = random.Random(self.seed)
-        chosen: list[dict[str, str]] = []
+        read = RowReport(skipped=report.skipped)  # the sources' reads; this mixture's are the rows it yields
+        streams = []
         for source, count in zip(self.sources, self.counts, strict=True):
-            rows = list(source.rows(report, on_bad_row))
-            if count > len(rows):
-                raise ValueError(f"mixture asks {count} rows of {source.name}, which has only {len(rows)}")
-            chosen += rng.sample(rows, count)
-        rng.shuffle(chosen)
-        report.read = len(chosen)
-        yield from chosen
+            size = source.exact_rows()
+            if size is None:
+                size = sum(1 for _ in source.located_rows(RowReport(), on_bad_row))
+            if count > size:
+                raise ValueError(f"mixture asks {count} rows of {source.name}, which has only {size}")
+            streams.append(_chosen(source.located_rows(read, on_bad_row), set(rng.sample(range(size), count))))
+        order = [index for index, count in enumerate(self.counts) for _ in range(count)]
+        rng.shuffle(order)
+        for index in order:
+            report.read += 1
+            yield next(streams[index])
+
+    def exact_rows(self) -> int:
+        return self.total
 
     def fingerprint(self) -> str:
         return _digest("mix", [s.fingerprint() for s in self.sources], self.weights, self.total, self.seed)
+
+
+def _chosen(rows: Iterator[Any], chosen: set[int]) -> Iterator[Any]:
+    return (row for index, row in enumerate(rows) if index in chosen)
 
 
 class SelfDistilledSource(Source):
