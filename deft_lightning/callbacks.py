@@ -275,27 +275,36 @@ def _synchronize(trainer: L.Trainer) -> None:
 
 
 class StepStats(L.Callback):
-    """Each rank writes its median step time after ``warmup`` steps and its peak resident memory (the whole
-    process) to ``<out>.rank<r>.json`` when training ends, for side-by-side fits (``bench fit``)."""
+    """Each rank writes its median step time after ``warmup`` steps, the trained tokens per second and positions
+    per step over those steps, and its peak resident memory (the whole process) to ``<out>.rank<r>.json`` when
+    training ends, for side-by-side fits (``bench fit``, ``bench data``)."""
 
     def __init__(self, out: str, warmup: int = 2) -> None:
         self.out, self.warmup = out, warmup
         self.times: list[float] = []
+        self.trained: list[int] = []
+        self.positions: list[int] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
         _synchronize(trainer)
         self._started = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args) -> None:
         _synchronize(trainer)
         self.times.append(time.perf_counter() - self._started)
+        self.trained.append(int((batch["labels"][:, 1:] != -100).sum()))
+        self.positions.append(batch["input_ids"].numel())
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import resource
         import statistics
 
+        measured = slice(self.warmup, None) if len(self.times) > self.warmup else slice(None)
         result = {
-            "step_s": statistics.median(self.times[self.warmup :] or self.times),
+            "step_s": statistics.median(self.times[measured]),
+            "trained_tokens_per_s": sum(self.trained[measured]) / sum(self.times[measured]),
+            "positions_per_step": statistics.mean(self.positions[measured]),
+            "trained_per_step": statistics.mean(self.trained[measured]),
             "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
         Path(f"{self.out}.rank{trainer.global_rank}.json").write_text(json.dumps(result))

@@ -29,6 +29,7 @@ from deft_lightning.generation import SamplingConfig, generate
 from deft_lightning.lora import LoRA, as_lora, plain
 from deft_lightning.loss_head import head_computes
 from deft_lightning.objectives import NLL, Objective, objective_from_spec
+from deft_lightning.packed import packed_positions, packing_unsupported
 from deft_lightning.prepare_model import CheckpointError, load_state_dict, validate_checkpoint_dir
 from deft_lightning.statistics import DEFAULT_CHUNK_ELEMENTS, Needs, TokenStats, target_log_probs
 from deft_lightning.strategies import (
@@ -254,6 +255,9 @@ class DeftModule(L.LightningModule):
                 f"{type(strategy).__name__} writes sharded checkpoints in place: a process killed mid-save can leave a "
                 "broken last.ckpt; deft_lightning.strategies.FSDP2Strategy and BlockFSDPStrategy save atomically"
             )
+        unsupported = packing_unsupported(self.config)
+        if getattr(datamodule, "packing", False) and unsupported is not None:
+            raise ValueError(f"data.packing: {self.config.name} uses {unsupported}; set data.packing: false")
         max_seq_length = getattr(datamodule, "max_seq_length", None)
         if max_seq_length is not None and max_seq_length > self.config.block_size:
             raise ValueError(
@@ -261,8 +265,10 @@ class DeftModule(L.LightningModule):
             )
         self._checked = True
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids)
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Logits; ``position_ids`` (restarting at 0 per example) mark a packed batch (:mod:`deft_lightning.packed`)."""
+        with packed_positions(self.model, position_ids):
+            return self.model(input_ids)
 
     def generate(self, prompts: list[list[int]], eos_id: int, sampling: SamplingConfig) -> list[list[list[int]]]:
         """Completions of token-id prompts with the KV cache (see :func:`deft_lightning.generation.generate`)."""
@@ -281,26 +287,26 @@ class DeftModule(L.LightningModule):
             and not dropout_on_head
         )
 
-    def _in_forward(self, input_ids: Tensor, loss: Any) -> Any:
+    def _in_forward(self, batch: dict[str, Tensor], loss: Any) -> Any:
         """``loss(hidden [N, d], head weight)`` computed inside the model's forward (see :mod:`loss_head`)."""
         with head_computes(self.model, lambda hidden, weight: loss(hidden.reshape(-1, hidden.shape[-1]), weight)):
-            return self.model(input_ids)
+            return self(batch["input_ids"], batch.get("position_ids"))
 
-    def _fused_step(self, input_ids: Tensor, labels: Tensor, needs: Needs, scale: float):
+    def _fused_step(self, batch: dict[str, Tensor], needs: Needs, scale: float):
         """Scaled loss sum (for backward), per-token losses, log p and statistics, without materialized logits."""
-        targets = shift_labels(labels).reshape(-1)
+        targets = shift_labels(batch["labels"]).reshape(-1)
         chunk = self.hparams.loss_chunk_elements
         return self._in_forward(
-            input_ids,
+            batch,
             lambda hidden, weight: fused_objective_loss(
                 hidden, weight, targets, self.objective, scale, needs, IGNORE_INDEX, chunk
             ),
         )
 
-    def _token_losses(self, input_ids: Tensor, labels: Tensor, needs: Needs) -> tuple[Tensor, Tensor, TokenStats]:
+    def _token_losses(self, batch: dict[str, Tensor], needs: Needs) -> tuple[Tensor, Tensor, TokenStats]:
         """Per-token objective loss, differentiable log p and statistics of the trainable tokens."""
-        logits = self(input_ids)
-        targets = shift_labels(labels).reshape(-1)
+        logits = self(batch["input_ids"], batch.get("position_ids"))
+        targets = shift_labels(batch["labels"]).reshape(-1)
         logp, stats = target_log_probs(
             logits.reshape(-1, logits.shape[-1]), targets, needs, IGNORE_INDEX, self.hparams.loss_chunk_elements
         )
@@ -312,7 +318,8 @@ class DeftModule(L.LightningModule):
         started = time.perf_counter()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro = self.hparams.micro_batch_size or batch["input_ids"].shape[0]
-        input_chunks, label_chunks = batch["input_ids"].split(micro), batch["labels"].split(micro)
+        columns = {name: values.split(micro) for name, values in batch.items()}  # input_ids, labels, position_ids?
+        micro_batches = [{name: parts[i] for name, parts in columns.items()} for i in range(len(columns["labels"]))]
 
         local_tokens = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum().reshape(1)  # int64: exact at any size
         global_tokens = int(self._sum_over_ranks(local_tokens).item())  # one host sync per step
@@ -330,13 +337,13 @@ class DeftModule(L.LightningModule):
         fused = self.uses_fused_path()
         sums: dict[str, Tensor] = {}
         samples: list[dict[str, Tensor]] = []
-        for index, (input_ids, labels) in enumerate(zip(input_chunks, label_chunks, strict=True)):
-            with self._gradient_sync(last=index == len(input_chunks) - 1):
+        for index, micro_batch in enumerate(micro_batches):
+            with self._gradient_sync(last=index == len(micro_batches) - 1):
                 if fused:
-                    loss, token_loss, gate, logp, stats = self._fused_step(input_ids, labels, needs, scale)
+                    loss, token_loss, gate, logp, stats = self._fused_step(micro_batch, needs, scale)
                     self.manual_backward(loss)
                 else:
-                    token_loss, logp, stats = self._token_losses(input_ids, labels, needs)
+                    token_loss, logp, stats = self._token_losses(micro_batch, needs)
                     self.manual_backward(token_loss.sum() * scale)
                     gate = self.objective.weight(logp, stats)
             per_token = self._train_metric_values(token_loss, gate, logp, stats)
@@ -429,12 +436,11 @@ class DeftModule(L.LightningModule):
             targets = shift_labels(batch["labels"]).reshape(-1)
             chunk = self.hparams.loss_chunk_elements
             logp, stats = self._in_forward(
-                batch["input_ids"],
-                lambda hidden, weight: fused_log_probs(hidden, weight, targets, needs, IGNORE_INDEX, chunk),
+                batch, lambda hidden, weight: fused_log_probs(hidden, weight, targets, needs, IGNORE_INDEX, chunk)
             )
             token_loss = self.objective.token_loss(logp, stats)
         else:
-            token_loss, logp, stats = self._token_losses(batch["input_ids"], batch["labels"], needs)
+            token_loss, logp, stats = self._token_losses(batch, needs)
         values = {"loss": token_loss, "nll": -logp, "p": stats.prob, "acc": stats.correct}
         for name, value in values.items():
             metric = getattr(self, f"{stage}_{name}")

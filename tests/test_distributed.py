@@ -120,6 +120,32 @@ def test_fsdp2_fused_equals_plain_tied_and_untied(tmp_path):
         torch.testing.assert_close(checkpointed["weights"][name], want, rtol=1e-6, atol=0)
 
 
+def test_a_packed_step_equals_the_unpacked_step_on_one_and_two_ranks(tmp_path):
+    """The same 16 examples packed and padded, NLL and DEFT, fused, 2 micro-batches per rank: one step's loss and
+    every gradient agree packed vs padded in one process and under DDP and FSDP2 with 2 processes, and 2 processes
+    agree with one."""
+    start = tmp_path / "start"
+    subprocess.run([sys.executable, str(ROOT / "tests/fsdp_equivalence.py"), "--checkpoint", str(start)], check=True)
+    script = [str(ROOT / "tests/packing_equivalence.py"), str(start), str(tmp_path)]
+    single = subprocess.run([sys.executable, *script], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-4000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29619"]
+    double = subprocess.run([*launch, *script], capture_output=True, text=True, timeout=900)
+    assert double.returncode == 0, double.stderr[-4000:]
+    runs = {**torch.load(tmp_path / "results-1.pt"), **torch.load(tmp_path / "results-2.pt")}
+
+    def assert_same(got: dict, want: dict) -> None:
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        for name, gradient in want["gradients"].items():
+            assert (got["gradients"][name] - gradient).norm() <= 1e-5 * gradient.norm(), name
+
+    for objective in ("NLL", "DEFT"):
+        reference = runs[f"single-{objective}-padded"]
+        for setup in ("single", "ddp", "fsdp2"):
+            assert_same(runs[f"{setup}-{objective}-packed"], runs[f"{setup}-{objective}-padded"])
+            assert_same(runs[f"{setup}-{objective}-packed"], reference)
+
+
 def collectives(run_dir: Path) -> list[int]:
     return [int(line) for line in (run_dir / "collectives.rank0").read_text().split()]
 

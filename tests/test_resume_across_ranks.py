@@ -21,15 +21,17 @@ STRATEGIES = {
 pytestmark = pytest.mark.slow
 
 
-def fit(run_dir: Path, stop: int | None, ranks: int, strategy: str | None, grouping: bool, *extra: str):
-    """9 steps (preempted after step ``stop``) with a global batch of 16 rows over ``ranks`` ranks."""
+def fit(run_dir: Path, stop: int | None, ranks: int, strategy: str | None, grouping: str, *extra: str):
+    """9 steps (preempted after step ``stop``) with a global batch of 16 rows over ``ranks`` ranks; ``grouping``:
+    plain, length-grouped or packed batches."""
     preempt = f'--trainer.callbacks+={{"class_path": "fault_injection.SigtermAt", "init_args": {{"step": {stop}}}}}'
     args = tiny_fit_command(
         run_dir,
         "--trainer.max_steps=9",
         *([preempt] if stop else []),
         f"--data.init_args.batch_size={GLOBAL_BATCH // ranks}",
-        f"--data.init_args.length_grouping={str(grouping).lower()}",
+        f"--data.init_args.length_grouping={str(grouping == 'grouped').lower()}",
+        f"--data.init_args.packing={str(grouping == 'packed').lower()}",
         "--model.micro_batch_size=4",
         "--trainer.callbacks+=probes.RowsPerStep",
         f"--trainer.devices={ranks}",
@@ -45,7 +47,7 @@ def losses(run_dir: Path) -> list[float]:
         return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
 
 
-@pytest.mark.parametrize(("strategy", "grouping"), [("ddp", False), ("fsdp2", True), ("fsdp1", False)])
+@pytest.mark.parametrize(("strategy", "grouping"), [("ddp", "plain"), ("fsdp2", "grouped"), ("fsdp1", "packed")])
 def test_resume_on_another_number_of_ranks_trains_the_same_global_batches(tmp_path, strategy, grouping):
     """2 ranks for 3 steps, then 1 rank to step 6, then 2 ranks to step 9: every step's rows (the union over
     ranks) and losses are those of one uninterrupted process with the same global batch."""
@@ -64,8 +66,8 @@ def test_resume_on_another_number_of_ranks_trains_the_same_global_batches(tmp_pa
 
 def test_a_changed_global_batch_is_refused_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
-    assert fit(run_dir, 3, 2, "ddp", False).returncode == 143
-    result = fit(run_dir, None, 1, None, False, "--ckpt_path=last", "--data.init_args.batch_size=8")
+    assert fit(run_dir, 3, 2, "ddp", "plain").returncode == 143
+    result = fit(run_dir, None, 1, None, "plain", "--ckpt_path=last", "--data.init_args.batch_size=8")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr[-3000:]
@@ -81,11 +83,11 @@ def test_every_rank_resumes_its_own_random_stream(tmp_path):
 
     lora = ["--model.lora.r=4", "--model.lora.alpha=8", "--model.lora.dropout=0.3"]
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    assert fit(reference, None, 2, "ddp", False, *lora).returncode == 0
-    assert fit(run_dir, 3, 2, "ddp", False, *lora).returncode == 143
+    assert fit(reference, None, 2, "ddp", "plain", *lora).returncode == 0
+    assert fit(run_dir, 3, 2, "ddp", "plain", *lora).returncode == 143
     states = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["rng_states"]["per_rank"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
-    assert fit(run_dir, None, 2, "ddp", False, *lora, "--ckpt_path=last").returncode == 0
+    assert fit(run_dir, None, 2, "ddp", "plain", *lora, "--ckpt_path=last").returncode == 0
     expected = torch.load(reference / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     resumed = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert any("lora_" in name for name in expected)
