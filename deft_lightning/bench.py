@@ -11,6 +11,9 @@ python -m deft_lightning bench fit [--config configs/tiny.yaml] [--objectives NL
     fresh processes, interleaved rounds, ratios to the first case.
 python -m deft_lightning bench litgpt [--checkpoint-dir ...] [--steps 6]
     training tokens/s of `fit` (NLL and DEFT) vs `litgpt finetune_full` on the same model, data and batch.
+python -m deft_lightning bench data [--sizes 10000 40000 160000] [--train-rows 2000]
+    preparation rows/s and peak memory vs `datasets.map` with the chat template (1 and all cores), and training
+    tokens/s packed vs padded vs length-grouped (deft_lightning/bench_data.py).
 python -m deft_lightning bench gpu --out DIR [--dry-run]
     the GPU readiness check (deft_lightning/bench_gpu.py; `make gpu-check` on a GPU host).
 python -m deft_lightning bench generate [--checkpoint-dir ...] [--items 32] [--batch-sizes 1 16] [--samples 1]
@@ -431,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m deft_lightning bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    modes = parser.add_subparsers(dest="mode", required=True, metavar="{loss,fit,litgpt,generate,gpu}")
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="{loss,fit,litgpt,generate,data,gpu}")
+    modes.add_parser("data", help="preparation and packing: python -m deft_lightning bench data --help")
     modes.add_parser("gpu", help="the GPU readiness check: python -m deft_lightning bench gpu --help")
     loss = modes.add_parser("loss")
     loss.add_argument("--size", choices=list(SIZES), default="smollm2")

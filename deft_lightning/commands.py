@@ -23,7 +23,7 @@ COMMANDS = {
     "analyze": ("deft_lightning.analysis.run", "token-level figures; `analyze prior` places your model and data"),
     "sweep": ("deft_lightning.sweep", "objectives × regimes fitted, evaluated and tabulated"),
     "prepare-model": ("deft_lightning.prepare_model", "build the offline default model (SmolLM2-135M-Instruct)"),
-    "bench": ("deft_lightning.bench", "benchmarks: loss, fit, litgpt, generate, gpu (the GPU readiness check)"),
+    "bench": ("deft_lightning.bench", "benchmarks: loss, fit, litgpt, generate, data, gpu (the GPU readiness check)"),
 }
 LIGHTNING = ("fit", "validate", "test")
 
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         from deft_lightning.cli import main as lightning_main
 
         run_command(lambda args: lightning_main(args), argv)
-    elif command == "bench" and argv[1:2] == ["gpu"]:  # the GPU readiness check is a module of its own
-        run_command(importlib.import_module("deft_lightning.bench_gpu").main, argv[2:])
+    elif command == "bench" and argv[1:2] in (["gpu"], ["data"]):  # benchmarks that are modules of their own
+        run_command(importlib.import_module(f"deft_lightning.bench_{argv[1]}").main, argv[2:])
     else:
         run_command(importlib.import_module(COMMANDS[command][0]).main, argv[1:])
 
