@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test test-fast run lab evaluate sweep-mini bench bench-fit bench-generate gpu-bundle gpu-check lint format clean
+.PHONY: setup model test test-fast run lab evaluate sweep-mini bench bench-fit bench-generate bench-data gpu-bundle gpu-check lint format clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ bench-fit: setup
 
 bench-generate: model
 	$(PY) -m deft_lightning bench generate --items 32 --batch-sizes 1 8 32
+
+# preparation vs datasets.map at 10k/40k/160k generated chat rows; packed vs padded vs grouped training (≈12 min)
+bench-data: model
+	$(PY) -m deft_lightning bench data
 
 # The GPU readiness check (deft_lightning/bench_gpu.py). On the GPU machine torch, lightning, transformers and
 # torchmetrics are there; what is not travels as wheels in .whl/ (ignored), built here for its platform:
