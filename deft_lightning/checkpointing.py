@@ -63,6 +63,13 @@ class RunCheckpoint(ModelCheckpoint):
     checkpoint a run resumed from once it has published a newer one: Lightning keeps that file forever, one
     full-size copy per resume from a ``step=N.ckpt`` (after a kill between its and ``last.ckpt``'s publication)."""
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``last.ckpt`` is the final state of a finished fit: Lightning writes it only with a periodic checkpoint,
+        so a fit whose ``max_steps`` is not a multiple of ``every_n_train_steps`` ended with an older one (which
+        ``export`` and ``--ckpt_path last`` then read)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
         if previous != current and self.dirpath and Path(previous).absolute().parent == Path(self.dirpath).absolute():
             return True
@@ -166,12 +173,46 @@ class RandomStates(L.Callback):
 
 
 class _ContinuingWriter(ExperimentWriter):
-    """Lightning's writer deletes an existing ``metrics.csv``; this one continues it (same columns first)."""
+    """Lightning's writer deletes an existing ``metrics.csv``; this one continues it (same columns first) and
+    keeps one row per step: metrics logged again at a step already written (validation after the step's training
+    row, a callback's) join that step's row instead of repeating its number."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        self._written_step: int | None = None  # the step of the file's last row, as this process wrote it
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
                 self.metrics_keys = list(csv.DictReader(handle).fieldnames or [])
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics_dict, step)
+        if len(self.metrics) > 1 and self.metrics[-2]["step"] == self.metrics[-1]["step"]:
+            self.metrics[-2].update(self.metrics.pop())
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        step = self.metrics[-1]["step"]
+        if self.metrics[0]["step"] == self._written_step and self._fs.isfile(self.metrics_file_path):
+            self._record_new_keys()
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            rows[-1].update(self.metrics.pop(0))
+            self._write_all(rows + self.metrics)
+            self.metrics = []
+        else:
+            super().save()
+        self._written_step = step
+
+    def _write_all(self, rows: list[dict[str, Any]]) -> None:
+        temporary = f"{self.metrics_file_path}.tmp"
+        with self._fs.open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, self.metrics_file_path)
 
 
 class RunLogger(CSVLogger):
@@ -216,6 +257,11 @@ class ContinuousMetricsLog(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._resumed:  # a fresh run starts at step 0
             self._continue_from(trainer, 0, None)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        # a row's step is the optimizer step. Lightning logs its own batch counter, which a resume from the end of
+        # a fit at a validation step advances once more (the skipped validation counts as a batch)
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
     def _continue_from(self, trainer: L.Trainer, step: int, pending: dict[str, Any] | None) -> None:
         if not trainer.is_global_zero:

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import tiny_fit_command
 
+from deft_lightning.data.module import saved_data_position
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 24, 4
 pytestmark = pytest.mark.slow
@@ -179,26 +181,43 @@ def test_kill_between_publishing_the_periodic_and_the_last_checkpoint(tmp_path, 
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", f"step={STEPS}.ckpt"]
 
 
-def test_a_second_resume_continues_from_the_newest_state(tmp_path, reference):
-    """SIGTERM, resume, SIGTERM again, resume: last.ckpt is always the newest state, and no -vN file appears."""
+def interrupt_at(run_dir: Path, step: int, *extra: str) -> int:
+    """Launch (resuming when there is a checkpoint), SIGTERM once `step` is logged; the checkpoint's step."""
+    resume = ("--ckpt_path=last",) if (run_dir / "checkpoints").is_dir() else ()
+    assert start_and_interrupt(run_dir, reached(step), signal.SIGTERM, *resume, *extra) == 143
+    return torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"]
+
+
+#: periodic checkpoints that do not divide the step count, and validation between them
+UNEVEN = ("--checkpoint.every_n_train_steps=5", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=7")
+
+
+def test_three_interruptions_resume_to_the_uninterrupted_weights(tmp_path):
+    """SIGTERM → resume → SIGTERM → resume → SIGTERM → resume → finish, each resume with `--ckpt_path last`: every
+    launch continues from the newest step, and the final weights equal one uninterrupted run's, bit for bit. The
+    uninterrupted run's last.ckpt is its final state although 24 is no multiple of the periodic 5 (it was step 20:
+    `--ckpt_path last` and `export` of a finished fit read a stale state)."""
+    reference = tmp_path / "reference"
+    run(reference, *UNEVEN)
+    assert torch.load(reference / "checkpoints/last.ckpt", weights_only=True)["global_step"] == STEPS
     run_dir = tmp_path / "run"
-    start_and_interrupt(run_dir, reached(2), signal.SIGTERM, "--checkpoint.every_n_train_steps=50")
-    first = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"]
-    process = subprocess.Popen(
-        command(run_dir, "--ckpt_path=last", "--checkpoint.every_n_train_steps=50"),
-        cwd=ROOT,
-        env=environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 300
-    while not reached(first + 3)(run_dir):
-        assert process.poll() is None and time.time() < deadline
-        time.sleep(0.005)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    second = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"]
-    assert second > first + 2
-    run(run_dir, "--ckpt_path=auto", "--checkpoint.every_n_train_steps=50")
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    saved = [interrupt_at(run_dir, step, *UNEVEN) for step in (2, 9, 19)]
+    assert saved[0] < saved[1] < saved[2] < STEPS and saved[0] >= 3  # each at its signal, after the previous one
+    resumed = run(run_dir, "--ckpt_path=last", *UNEVEN)
+    assert "Checkpoint directory" not in resumed.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step=20.ckpt"]
     assert_same_run(run_dir, reference)
+    # on their steps' rows, none repeated; a signal at a validation step stops before that step's validation
+    val_steps = [int(row["step"]) for row in read_rows(run_dir) if row.get("val/nll")]
+    assert val_steps == sorted(set(val_steps)) and {6, 13} <= set(val_steps) <= {6, 13, 20}
+
+
+def test_a_finished_fit_extended_with_more_steps_continues_its_data(tmp_path):
+    """A finished fit resumed with a larger max_steps: Lightning counts the epoch it stopped in as closed; the data
+    continue where the fit stopped (epoch 0, batch 12), not at the next epoch's batch 12."""
+    run_dir = tmp_path / "run"
+    run(run_dir, "--trainer.max_steps=12")
+    run(run_dir, "--ckpt_path=last", "--trainer.max_steps=40")
+    position = saved_data_position(torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True))
+    assert (position["epoch"], position["global_batches"]) == (1, 40 - 32)  # 32 global batches an epoch
+    assert logged_steps(run_dir) == list(range(40))

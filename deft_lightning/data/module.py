@@ -83,7 +83,9 @@ class GlobalBatchSampler(DistributedSampler):
     The state (epoch, global batches consumed, the global batch's shape) is the same on every rank and for any
     number of ranks: a run resumed on another number of ranks with the same global batch trains exactly the global
     batches an uninterrupted run would, and a changed global batch is refused. A ``DistributedSampler``, so
-    Lightning does not wrap it and sets its epoch.
+    Lightning does not wrap it and sets its epoch — relative to the epoch a resume restored: a finished fit
+    resumed with a larger ``max_steps`` has Lightning's count one ahead (it closed the epoch the fit stopped in),
+    and taking that count would skip the rest of the epoch.
     """
 
     def __init__(
@@ -101,6 +103,12 @@ class GlobalBatchSampler(DistributedSampler):
         self.length_grouping = length_grouping
         self._consumed = 0  # global batches of the current epoch handed out
         self._resume_from = 0
+        self._epoch_offset: int | None = 0  # this sampler's epoch minus Lightning's
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._epoch_offset is None:  # Lightning's first epoch after a resume is the restored one
+            self._epoch_offset = self.epoch - epoch
+        self.epoch = epoch + self._epoch_offset
 
     @property
     def global_batch_size(self) -> int:
@@ -171,6 +179,7 @@ class GlobalBatchSampler(DistributedSampler):
                 "run's batches differ from the interrupted run's"
             )
         self.epoch, self._resume_from = state.get("epoch", self.epoch), state["global_batches"]
+        self._epoch_offset = None
 
 
 def check_global_batch(saved: dict[str, int], batch_size: int, ranks: int) -> None:
