@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -16,27 +19,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from deft_lightning.evaluation.benchmarks import Benchmark
 from deft_lightning.evaluation.run import run_benchmark
 from deft_lightning.generation import SamplingConfig, generate
-from deft_lightning.tables import format_table
-
-#: metrics shown at the first and the last step
-TRACKED = (
-    "train/loss",
-    "train/nll",
-    "train/p",
-    "train/alpha",
-    "train/weight",
-    "train/tokens_per_s",
-    "train/trained_tokens_per_s",
-)
+from deft_lightning.tables import format_table, markdown_table, write_atomic
 
 
 class FitSummary(L.Callback):
-    """At the end of a fit, prints a table: steps, time, precision, tokens/s, metrics at the first and last step;
-    with ``heldout``, a benchmark scored before and after training; with ``predictions > 0``, that many greedy
-    answers before and after (of the held-out items, else of training prompts).
+    """At the end of a fit, prints a table — steps, time, precision, tokens seen, metrics at the run's first and last
+    step; with ``heldout``, a benchmark scored before and after training; with ``predictions > 0``, that many
+    greedy answers before and after (of the held-out items, else of training prompts) — and writes the same to the
+    run directory: ``summary.json``, ``summary.md`` and ``training_curves.png`` (from ``metrics.csv``, so a resumed
+    fit's summary starts at the run's step 0).
 
     Args:
-        enabled: print the summary.
+        enabled: print and write the summary.
         predictions: number of answers to show before and after the fit (0: none).
         max_new_tokens: generation budget for the training-prompt predictions.
         heldout: a benchmark of items the fit does not train on (e.g. ``deft_lightning.evaluation.FigFont`` with
@@ -54,7 +48,8 @@ class FitSummary(L.Callback):
         self.precision_reason = ""  # set by the CLI when it chose the precision
         self._items: list | None = None
         self._started = 0.0
-        self._first: dict[str, float] = {}
+        self._resumed_from: int | None = None
+        self._first: tuple[int, dict[str, float]] | None = None  # this launch's first step, if there is no log
         self._before: tuple[dict[str, float], list[str]] = ({}, [])
 
     def _measure(
@@ -102,9 +97,12 @@ class FitSummary(L.Callback):
         if self._measures(trainer) and trainer.is_global_zero:
             self._before = self._measure(trainer, pl_module, "before training")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resumed_from = trainer.global_step or None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        if not self._first and trainer.global_step >= 1:
-            self._first = self._scalars(trainer)
+        if self._first is None:
+            self._first = (trainer.global_step - 1, self._scalars(trainer))
 
     @staticmethod
     def _scalars(trainer: L.Trainer) -> dict[str, float]:
@@ -113,43 +111,175 @@ class FitSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # a collective call under distributed strategies: every rank takes part
         if self.enabled and trainer.is_global_zero:
-            self._print(trainer, pl_module, log_dir)
+            summary = self.summary(trainer, pl_module, log_dir)
+            print(summary_text(summary), flush=True)
+            write_summary(summary, Path(trainer.default_root_dir))
 
-    def _print(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> None:
-        last = self._scalars(trainer)
-        precision = str(trainer.precision) + (f" ({self.precision_reason})" if self.precision_reason else "")
-        facts = [
-            ("objective", repr(getattr(pl_module, "objective", "-"))),
-            ("optimizer steps", str(trainer.global_step)),
-            ("skipped steps (non-finite grad)", str(getattr(pl_module, "skipped_steps", 0))),
-            ("precision", precision),
-            ("wall time", f"{time.perf_counter() - self._started:.1f} s"),
-        ]
-        if log_dir:
-            facts.append(("log dir", log_dir))
+    def summary(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> dict[str, Any]:
+        """What the fit did, as plain data (``summary.json``)."""
+        final = self._scalars(trainer)
+        metrics_file = Path(trainer.default_root_dir) / "metrics.csv"
+        rows = [row for row in read_metric_rows(metrics_file) if "train/loss" in row]
+        if rows:  # the run's log: its step 0 even when this launch resumed
+            first, last = rows[0], rows[-1]
+        else:  # no metrics.csv (another logger): this launch's steps
+            step, values = self._first or (trainer.global_step - 1, final)
+            first = {"step": step, **values}
+            last = {"step": trainer.global_step - 1, **{k: v for k, v in final.items() if k.startswith("train/")}}
         checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and (checkpoint.last_model_path or checkpoint.best_model_path):
-            facts.append(("checkpoint", checkpoint.last_model_path or checkpoint.best_model_path))
-        sections = ["", "Fit summary", format_table(("", ""), facts)]
-        tracked = [name for name in TRACKED if name in last]
-        steps = [(n, f"{self._first[n]:.4g}" if n in self._first else "-", f"{last[n]:.4g}") for n in tracked]
-        sections += ["", format_table(("metric", "first step", "last step"), steps)]
-        others = [(n, f"{v:.4g}") for n, v in sorted(last.items()) if n not in tracked]
-        if others:
-            sections += ["", format_table(("metric", "final"), others)]
+        summary: dict[str, Any] = {
+            "objective": repr(getattr(pl_module, "objective", "-")),
+            "optimizer_steps": trainer.global_step,
+            "resumed_from_step": self._resumed_from,
+            "skipped_steps": getattr(pl_module, "skipped_steps", 0),
+            "tokens_seen": getattr(pl_module, "tokens_seen", None),
+            "parameters": sum(p.numel() for p in pl_module.parameters()),
+            "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "device": f"{trainer.strategy.root_device.type} × {trainer.world_size}",
+            "precision": str(trainer.precision) + (f" ({self.precision_reason})" if self.precision_reason else ""),
+            "wall_time_s": round(time.perf_counter() - self._started, 1),
+            "log_dir": log_dir,
+            "checkpoint": (checkpoint.last_model_path or checkpoint.best_model_path or None) if checkpoint else None,
+            "first_step": first,
+            "last_step": last,
+            "final": {name: value for name, value in sorted(final.items()) if not name.startswith("train/")},
+            "heldout": None,
+            "predictions": [],
+        }
         if self._measures(trainer):
             (before, answers_before), (after, answers_after) = (
                 self._before,
                 self._measure(trainer, pl_module, "after training"),
             )
             if self.heldout is not None:
-                name = f"held-out {self.heldout.name} ({len(self._heldout_items())} items, greedy)"
-                rows = [(metric, f"{before[metric]:.4g}", f"{after[metric]:.4g}") for metric in after]
-                sections += ["", format_table((name, "before", "after"), rows)]
+                summary["heldout"] = {
+                    "benchmark": self.heldout.name,
+                    "items": len(self._heldout_items()),
+                    "decoding": "greedy",
+                    "before": before,
+                    "after": after,
+                }
             answers = zip(self._targets(trainer), answers_before, answers_after, strict=True)
-            rows = [(target, repr(b), repr(a)) for target, b, a in answers]
-            sections += ["", format_table(("target", "before (greedy)", "after (greedy)"), rows)]
-        print("\n".join(sections), flush=True)
+            summary["predictions"] = [{"target": t, "before": b, "after": a} for t, b, a in answers]
+        return summary
+
+
+def read_metric_rows(path: Path) -> list[dict[str, float]]:
+    """``metrics.csv`` as one dict per step, empty cells left out, values as floats (``step`` as an int)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+    return [{**row, "step": int(row["step"])} for row in rows if "step" in row]
+
+
+#: the step metrics a summary shows first, in this order (the others follow by name)
+TRACKED = (
+    "train/loss",
+    "train/nll",
+    "train/p",
+    "train/alpha",
+    "train/acc",
+    "train/entropy",
+    "train/weight",
+    "train/tokens_seen",
+    "train/tokens_per_s",
+    "train/trained_tokens_per_s",
+)
+
+
+def _facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    facts = [
+        ("objective", summary["objective"]),
+        ("optimizer steps", str(summary["optimizer_steps"])),
+        ("resumed from step", str(summary["resumed_from_step"] or "-")),
+        ("skipped steps (non-finite grad)", str(summary["skipped_steps"])),
+        ("tokens seen", f"{summary['tokens_seen']:,}" if summary["tokens_seen"] is not None else "-"),
+        ("parameters", f"{summary['parameters']:,} ({summary['trainable_parameters']:,} trained)"),
+        ("device", summary["device"]),
+        ("precision", summary["precision"]),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+    ]
+    return facts + [(name, str(summary[key])) for name, key in (("log dir", "log_dir"), ("checkpoint", "checkpoint"))
+                    if summary[key]]  # fmt: skip
+
+
+def _sections(summary: dict[str, Any]) -> list[tuple[tuple[str, ...], list[tuple[str, ...]]]]:
+    """The summary's tables: (header, rows)."""
+    first, last = summary["first_step"], summary["last_step"]
+    names = [n for n in TRACKED if n in last] + sorted(n for n in last if n.startswith("train/") and n not in TRACKED)
+    steps = [(n, f"{first[n]:.4g}" if n in first else "-", f"{last[n]:.4g}") for n in names]
+    sections = [
+        (("", ""), _facts(summary)),
+        (("metric", f"first step ({first['step']})", f"last step ({last['step']})"), steps),
+    ]
+    if summary["final"]:
+        sections.append((("metric", "final"), [(n, f"{v:.4g}") for n, v in summary["final"].items()]))
+    heldout = summary["heldout"]
+    if heldout:
+        name = f"held-out {heldout['benchmark']} ({heldout['items']} items, {heldout['decoding']})"
+        rows = [(m, f"{heldout['before'][m]:.4g}", f"{heldout['after'][m]:.4g}") for m in heldout["after"]]
+        sections.append(((name, "before", "after"), rows))
+    if summary["predictions"]:
+        rows = [(p["target"], repr(p["before"]), repr(p["after"])) for p in summary["predictions"]]
+        sections.append((("target", "before (greedy)", "after (greedy)"), rows))
+    return sections
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    return "\nFit summary\n" + "\n\n".join(format_table(header, rows) for header, rows in _sections(summary))
+
+
+def write_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    """``summary.json``, ``summary.md`` and ``training_curves.png`` in the run directory."""
+    plotted = plot_training_curves(read_metric_rows(run_dir / "metrics.csv"), run_dir / "training_curves.png")
+    lines = ["# Fit summary", ""]
+    for header, rows in _sections(summary):
+        lines += [markdown_table(header, rows), ""]
+    if plotted:
+        lines += ["![training curves](training_curves.png)", ""]
+    write_atomic(run_dir / "summary.md", "\n".join(lines))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+
+
+#: the panels of training_curves.png: (title, y label, metrics.csv columns drawn, all of them or the first present)
+CURVES = (
+    ("objective loss", "loss (mean over trained tokens)", ("train/loss", "val/loss"), "all"),
+    ("plain NLL of the targets", "−log p", ("train/nll", "val/nll"), "all"),
+    ("mean target probability", "p", ("train/p", "val/p"), "all"),
+    ("the objective's α (else Σp², DEFT's α)", "α", ("train/alpha", "train/collision"), "first"),
+)
+
+
+def plot_training_curves(rows: list[dict[str, float]], out: Path) -> bool:
+    """The curves of ``metrics.csv`` people look at first, one panel each; False when there is nothing to draw."""
+    present = {name for row in rows for name in row}
+    if not present & {name for *_, names, _ in CURVES for name in names}:
+        return False
+    from deft_lightning.analysis.run import _pyplot
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    for axis, (title, ylabel, names, which) in zip(axes.flat, CURVES, strict=True):
+        drawn = [name for name in names if name in present]
+        for name in drawn[:1] if which == "first" else drawn:
+            points = [(row["step"], row[name]) for row in rows if name in row]
+            axis.plot(*zip(*points, strict=True), "o-" if name.startswith("val/") else "-", label=name, markersize=3)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.set_ylabel(ylabel)
+        if drawn:
+            axis.legend(fontsize="small")
+    figure.tight_layout()
+    write_figure(figure, out)
+    plt.close(figure)
+    return True
+
+
+def write_figure(figure: Any, out: Path) -> None:
+    temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    figure.savefig(temporary, dpi=110)
+    os.replace(temporary, out)
 
 
 class ExportOnFitEnd(L.Callback):

@@ -17,6 +17,7 @@ import argparse
 import difflib
 import logging
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -62,11 +63,17 @@ def resolve_precision(accelerator: Any, cuda_available: bool, bf16_supported: bo
     return "32-true", "chosen: CPU (bf16 is far slower there)"
 
 
-#: Lightning and library notices a user cannot act on: LightningCLI's own `args` warning (we pass argv through),
+#: Lightning and library notices a user cannot act on: the device and seed lines Lightning prints before any input
+#: is checked (so a bad input's `error:` line stands alone), LightningCLI's own `args` warning (we pass argv through),
 #: the litlogger advertisement, torchdata's and Lightning's deprecations of their own internals, the 13-line code
 #: sample ModelCheckpoint prints under manual optimization (our checkpoints are taken after the update on purpose:
 #: that is what a resume continues from) and Lightning's note that `weights_only` was left out.
 NOISE = (
+    "Seed set to",  # printed before any input is checked; the seed is in config.yaml
+    "TPU available",
+    "HPU available",
+    "GPU available",  # the fit summary names the device
+    "exists and is not empty",  # ModelCheckpoint on a resume: our run directory is meant to hold its checkpoints
     "LightningCLI's args parameter",
     "try installing [litlogger]",
     "'set_vital' is deprecated",
@@ -84,7 +91,9 @@ class _WithoutNoise(logging.Filter):
 def silence_noise() -> None:
     for text in NOISE:
         warnings.filterwarnings("ignore", message=f".*{re.escape(text)}")
-    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+    # a logger's filter sees only records logged on it, not its children's: each logger that prints one is named
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric",
+                 "lightning.fabric.utilities.seed", "lightning.fabric.utilities.rank_zero"):  # fmt: skip
         logging.getLogger(name).addFilter(_WithoutNoise())
 
 
@@ -232,6 +241,18 @@ class DeftCLI(LightningCLI):
                 "--trainer.devices 2 --trainer.precision 32-true"
             ) from None
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Runs it; a fit that fails before its first step leaves no run directory it created behind."""
+        run_dir = self.run_dir()
+        existed = run_dir.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            untouched = self.trainer.global_step == 0 and not existing_checkpoints(run_dir / "checkpoints")
+            if subcommand == "fit" and not existed and untouched and self.trainer.is_global_zero:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
     def before_fit(self) -> None:
         checkpoints = self.run_dir() / "checkpoints"
         settings = self.config_init[self.subcommand]
@@ -293,7 +314,9 @@ def main(args: list[str] | None = None, run: bool = True) -> DeftCLI:
         seed_everything_default=1,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"precision": None},  # None: chosen by device (resolve_precision)
+        # precision None: chosen by device (resolve_precision); the fit summary counts the parameters instead of
+        # Lightning's table (its MeanMetric rows and "Total FLOPs: 0" say nothing about the model)
+        trainer_defaults={"precision": None, "enable_model_summary": False},
         args=None if args == sys.argv[1:] else args,  # the same list: LightningCLI reads it itself, without a warning
         run=run,
     )

@@ -148,6 +148,7 @@ class DeftModule(L.LightningModule):
         self.tied = False  # whether configure_model shared the head with the embeddings
         self._checked = False  # check_run passed (the CLI runs it before fit; setup would again)
         self.skipped_steps = 0
+        self.tokens_seen = 0  # trained target tokens so far, all ranks (kept in checkpoints)
         #: > 0: keep a random sample of this many trainable tokens' statistics of the next step in `token_sample`
         self.token_sample_size = 0
         self.token_sample: dict[str, Tensor] | None = None
@@ -330,6 +331,7 @@ class DeftModule(L.LightningModule):
             )
         # DDP/FSDP average gradients over ranks, hence the world-size factor in the global token mean
         scale = self.trainer.world_size / global_tokens
+        self.tokens_seen += global_tokens
 
         sampling = self.token_sample_size > 0
         log_now = self._is_logging_step()
@@ -382,6 +384,7 @@ class DeftModule(L.LightningModule):
         metrics["train/grad_norm"] = grad_norm.float()
         metrics["train/lr"] = lr
         metrics["train/skipped_steps"] = float(self.skipped_steps)
+        metrics["train/tokens_seen"] = torch.tensor(self.tokens_seen, dtype=torch.float64)  # exact to 2**53
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in PROGRESS_BAR_METRICS, rank_zero_only=True)
 
@@ -480,6 +483,7 @@ class DeftModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint["tied_embeddings"] = self.tied
         checkpoint["working_directory"] = os.getcwd()  # relative paths of the config (loading resolves them here)
         # LoRA: the frozen base is read back from checkpoint_dir, except under sharded strategies, whose
@@ -490,6 +494,7 @@ class DeftModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
         trained_tied = checkpoint.get("tied_embeddings")
         state = checkpoint.get("state_dict", {})
         head, embeddings = state.get("model.lm_head.weight"), state.get("model.transformer.wte.weight")

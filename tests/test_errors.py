@@ -138,11 +138,15 @@ def assert_clean_failure(result: subprocess.CompletedProcess, message: str) -> N
 
 @pytest.mark.parametrize("kind", FIT_FAILURES)
 def test_fit_failures_are_one_clear_line(tmp_path, kind):
+    """The `error:` line is all that is printed (no seed, device or progress lines before it), and a run directory
+    the failed launch created is gone (one that held an earlier run's files is left as it was)."""
     extra, message = fit_case(kind, tmp_path)
+    existed = (tmp_path / "run").exists()
     result = run(tiny_fit_command(tmp_path / "run", "--trainer.max_steps=2", *extra))
     assert_clean_failure(result, message)
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "usage:" not in result.stderr
+    printed = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(printed) == 1 and printed[0].startswith("error:"), printed
+    assert (tmp_path / "run").exists() == existed
 
 
 @pytest.mark.parametrize(

@@ -180,7 +180,8 @@ def tokenize_source(
     batches = _batches(source.located_rows(read, on_bad_row), BATCH_ROWS)
     head = list(itertools.islice(batches, 2))
     batches = itertools.chain(head, batches)
-    bar = tqdm(desc=label, unit=" rows", total=source.expected_rows(), disable=not progress)
+    # shown after half a second: nothing for a split prepared (or refused for a bad row) at once
+    bar = tqdm(desc=label, unit=" rows", total=source.expected_rows(), disable=not progress, delay=0.5)
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
 
         def write(batch: list[tuple[str, dict[str, Any]]], encoded: EncodedBatch) -> None:

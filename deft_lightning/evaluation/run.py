@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from deft_lightning.evaluation.backends import BACKENDS, Backend, Generator, loa
 from deft_lightning.evaluation.benchmarks import Benchmark, Item
 from deft_lightning.loading import resolve_device, resolve_model
 from deft_lightning.prompting import Prompter
-from deft_lightning.tables import format_table
+from deft_lightning.tables import format_table, write_atomic
 
 RESULTS_FORMAT = 1
 
@@ -85,16 +84,6 @@ def run_benchmark(
     new_tokens = sum(len(ids) for samples in outputs for ids in samples)
     throughput = {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_s": new_tokens / max(seconds, 1e-9)}
     return benchmark.aggregate(scores), records, throughput
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def suite_tables(cells: list[dict[str, Any]], benchmarks: list[Benchmark], models: list[str]) -> str:
@@ -239,7 +228,7 @@ def evaluate(
             "benchmarks": list(specs.values()),
             "cells": cells + others,
         }
-        _write_atomic(results_file, json.dumps(document, indent=1, default=str))
+        write_atomic(results_file, json.dumps(document, indent=1, default=str))
 
     for ref in refs:
         prompt_format = (ref.tokenizer_dir, ref.prompt_style, ref.system_prompt)
@@ -265,7 +254,7 @@ def evaluate(
                 f"{ref.name}/{benchmark.name}",
                 prompts[prompt_format, benchmark.name],
             )
-            _write_atomic(out_dir / generations, "".join(json.dumps(r, default=str) + "\n" for r in records))
+            write_atomic(out_dir / generations, "".join(json.dumps(r, default=str) + "\n" for r in records))
             cells.append(
                 {
                     "model": ref.name,
@@ -291,9 +280,9 @@ def evaluate(
     for cell in cells:
         for metric, value in cell["metrics"].items():
             csv_lines.append(f"{cell['model']},{cell['suite']},{cell['benchmark']},{metric},{value:.6g}")
-    _write_atomic(out_dir / "results.csv", "\n".join(csv_lines) + "\n")
+    write_atomic(out_dir / "results.csv", "\n".join(csv_lines) + "\n")
     tables = suite_tables(cells, benchmarks, [c.name for c in refs])
-    _write_atomic(out_dir / "tables.md", tables + "\n")
+    write_atomic(out_dir / "tables.md", tables + "\n")
     print(f"\n{tables}\n\n{throughput_table(cells)}\n\nresults: {results_file}", flush=True)
     return {"cells": cells, "tables": tables}
 
