@@ -86,14 +86,19 @@ def export(
         state = read_state_dict(ref)
         if dtype is not None:
             state = {name: tensor.to(DTYPES[dtype]) for name, tensor in state.items()}
+        checked = None
         if format == "litgpt":
             write_litgpt(ref, state, staging)
         elif format == "hf":
             write_hf(ref, state, staging)
-            verify_hf(staging, ref.config, state)
+            checked = verify_hf(staging, ref.config, state)
         else:
-            write_peft(ref, staging)
+            checked = write_peft(ref, staging)
+        for path in staging.rglob("*"):  # whatever wrote them (temporary files are 0600), readable like any output
+            path.chmod(0o755 if path.is_dir() else 0o644)
         replace_directory(staging, out)
+        if checked:
+            print(f"self-check passed: {checked}", flush=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -313,9 +318,10 @@ def _llama_biases(config: Any, biases: dict[str, torch.Tensor]) -> dict[str, tor
     return renamed
 
 
-def verify_hf(directory: Path, config: Any, state: dict[str, torch.Tensor]) -> None:
+def verify_hf(directory: Path, config: Any, state: dict[str, torch.Tensor]) -> str:
     """The written directory, loaded by transformers, gives the trained model's logits (fp32, both) on a few
-    positions, or the export is refused: an unmapped config field changes logits far beyond rounding."""
+    positions, or the export is refused: an unmapped config field changes logits far beyond rounding. Returns what
+    was checked, for the user."""
     from litgpt import GPT
     from transformers import AutoModelForCausalLM
 
@@ -338,6 +344,7 @@ def verify_hf(directory: Path, config: Any, state: dict[str, torch.Tensor]) -> N
             f"to {difference:.3g} (fp32 noise ≤ {tolerance:.1g}): {'; '.join(named)}; nothing was written — export "
             "--format litgpt instead"
         )
+    return f"transformers' logits equal the trained model's (max |Δ| {difference:.2g} ≤ {tolerance:.1g})"
 
 
 #: litgpt.lora module (below ``transformer.h.<i>.``) → the Hugging Face LLaMA-layout module PEFT adapts
@@ -349,7 +356,7 @@ PEFT_MODULES = {
 }
 
 
-def write_peft(ref: ModelRef, directory: Path) -> None:
+def write_peft(ref: ModelRef, directory: Path) -> str:
     """A LoRA fit as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for the base model
     exported with ``--format hf``; litgpt's fused q/k/v adapter becomes one adapter per projection (its A rows and
     B rows split per enabled projection). Checked like an hf export: PEFT on the base gives the fit's logits."""
@@ -404,10 +411,10 @@ def write_peft(ref: ModelRef, directory: Path) -> None:
     }
     (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     _copy_tokenizer_files(ref, directory)
-    verify_peft(directory, ref, base, model)
+    return verify_peft(directory, ref, base, model)
 
 
-def verify_peft(directory: Path, ref: ModelRef, base: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+def verify_peft(directory: Path, ref: ModelRef, base: dict[str, torch.Tensor], model: torch.nn.Module) -> str:
     """PEFT on the base (written as an hf export) gives the LoRA model's logits, or the export is refused."""
     try:
         from peft import PeftModel
@@ -435,6 +442,7 @@ def verify_peft(directory: Path, ref: ModelRef, base: dict[str, torch.Tensor], m
             f"export --format peft: PEFT's logits differ from the LoRA fit's by up to {difference:.3g} (fp32 noise ≤ "
             f"{tolerance:.1g}); nothing was written — export --format hf writes the adapters merged"
         )
+    return f"PEFT's logits on the base equal the LoRA fit's (max |Δ| {difference:.2g} ≤ {tolerance:.1g})"
 
 
 def _set_padding(directory: Path) -> int | None:

@@ -2,6 +2,7 @@
 outputs equal the module's, tied heads handled, bad input refused with nothing written."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -303,3 +304,15 @@ def test_export_and_evaluate_work_from_another_directory(neox, tmp_path):
     assert (tmp_path / "lit/tokenizer.json").read_bytes() == (ROOT / "data/tiny/tokenizer/tokenizer.json").read_bytes()
     assert resolve_model("m", neox).tokenizer_dir.resolve() == (ROOT / "data/tiny/tokenizer").resolve()
     assert resolve_model("m", neox.parent.parent).path == neox  # a run directory: its newest checkpoint
+
+
+def test_the_export_command_says_its_self_check_passed_and_writes_readable_files(neox, tmp_path):
+    """As users run it: a line saying the written model gave the trained logits, and every file mode 0644
+    (directories 0755) whatever wrote them, for the other users of a shared machine or a container."""
+    command = [sys.executable, "-m", "deft_lightning", "export", str(neox), "--out", str(tmp_path / "hf")]
+    result = subprocess.run([*command, "--format", "hf"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"self-check passed: transformers' logits equal the trained model's \(max \|Δ\| ", result.stdout)
+    written = [tmp_path / "hf", *(tmp_path / "hf").rglob("*")]
+    modes = {path.name: (path.stat().st_mode & 0o777, 0o755 if path.is_dir() else 0o644) for path in written}
+    assert len(modes) > 3 and all(mode == wanted for mode, wanted in modes.values()), modes
