@@ -515,11 +515,25 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += [f"- {d['regime']}: {d['evidence']}" for d in summary["report"]["differences"]]
     lines += ["", "The paper's predictions:", ""]
     lines += [f"- **{v['outcome']}** — {v['claim']}: {v['evidence']}" for v in summary["report"]["verdicts"]]
-    lines += ["", "![accuracy](accuracy.png)", "", "![DEFT's α and p](deft_alpha.png)", ""]
+    lines += ["", PLOTS_INTRO, ""]
+    lines += ["![accuracy](accuracy.png)", "", "DEFT's α = Σp² and the target probability p on the trained tokens:", ""]
+    lines += ["![DEFT's α and p](deft_alpha.png)", "", BANDS.format(seeds=summary["seeds"]), ""]
     return "\n".join(lines)
 
 
-def plots(results: dict, regimes: list[str], objectives: list[str], seeds: list[int], out: Path) -> None:
+#: what a regime's headline metric is drawn as, step by step: learning_auc is the mean of token_acc over the
+#: probes, so its curve is token_acc's
+CURVE_OF = {"learning_auc": "token_acc"}
+PLOTS_INTRO = "Each regime's headline metric (top) and retention of task B (bottom) during fine-tuning:"
+#: the caption summary.md puts under the plots
+BANDS = "Lines: the mean over {seeds} seeds; shaded bands: ± one standard deviation over the seeds."
+
+
+def plots(
+    results: dict, regimes: list[str], objectives: list[str], seeds: list[int], headlines: dict[str, str], out: Path
+) -> None:
+    """``accuracy.png``: each regime's headline metric (top) and retention of task B (bottom) vs step;
+    ``deft_alpha.png``: DEFT's α and p vs step. One legend per panel; the bands are ± one std over seeds."""
     from deft_lightning.analysis.run import _pyplot
 
     plt = _pyplot()
@@ -531,34 +545,37 @@ def plots(results: dict, regimes: list[str], objectives: list[str], seeds: list[
         low, high = (mean - sd).clamp(0, 1), (mean + sd).clamp(0, 1)  # every plotted quantity lies in [0, 1]
         axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
 
-    figure, axes = plt.subplots(2, len(regimes), figsize=(4.2 * len(regimes), 6.4), squeeze=False)
+    def finish(axis, title: str, ylabel: str) -> None:
+        axis.set_title(title, fontsize="medium")
+        axis.set_xlabel("fine-tuning step")
+        axis.set_ylabel(ylabel)
+        axis.set_ylim(-0.02, 1.02)
+        axis.legend(fontsize="small", framealpha=0.8)
+
+    figure, axes = plt.subplots(2, len(regimes), figsize=(4.4 * len(regimes), 6.8), squeeze=False)
     for column, regime in enumerate(regimes):
+        headline = headlines[regime]
+        drawn = CURVE_OF.get(headline, headline)
         for objective in objectives:
             cells = [results[regime][objective][s]["points"] for s in seeds]
             steps = [point["step"] for point in cells[0]]
-            band(axes[0][column], [[p["token_acc"] for p in c] for c in cells], steps, objective)
+            band(axes[0][column], [[p[drawn] for p in c] for c in cells], steps, objective)
             band(axes[1][column], [[p["retention"] for p in c] for c in cells], steps, objective)
-        axes[0][column].set_title(f"{regime}: task token accuracy")
-        axes[1][column].set_title(f"{regime}: retention of task B")
-        axes[1][column].set_xlabel("step")
-        for row in axes:
-            row[column].set_ylim(-0.02, 1.02)
-    axes[0][0].legend()
+        title = f"{regime}: {headline}" + (f" (area under {drawn})" if drawn != headline else "")
+        finish(axes[0][column], title, drawn)
+        finish(axes[1][column], f"{regime}: retention of task B", "retention (token accuracy on B)")
     figure.tight_layout()
     figure.savefig(out / "accuracy.png", dpi=110)
     plt.close(figure)
     if "DEFT" not in objectives:
         return
-    figure, axes = plt.subplots(1, len(regimes), figsize=(4.2 * len(regimes), 3.4), squeeze=False)
+    figure, axes = plt.subplots(1, len(regimes), figsize=(4.4 * len(regimes), 3.6), squeeze=False)
     for column, regime in enumerate(regimes):
         cells = [results[regime]["DEFT"][s]["steps"] for s in seeds]
         steps = [step["step"] for step in cells[0]]
         band(axes[0][column], [[step["alpha"] for step in c] for c in cells], steps, "α = Σp²")
         band(axes[0][column], [[step["p"] for step in c] for c in cells], steps, "p", "--")
-        axes[0][column].set_title(f"DEFT, {regime} (trained tokens)")
-        axes[0][column].set_xlabel("step")
-        axes[0][column].set_ylim(-0.02, 1.02)
-    axes[0][0].legend()
+        finish(axes[0][column], f"DEFT, {regime} (trained tokens)", "mean over trained tokens")
     figure.tight_layout()
     figure.savefig(out / "deft_alpha.png", dpi=110)
     plt.close(figure)
@@ -623,7 +640,7 @@ def run_lab(
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     (out / "summary.md").write_text(markdown(summary))
-    plots(results, regimes, objectives, seeds, out)
+    plots(results, regimes, objectives, seeds, {r: priors[r]["headline"] for r in regimes}, out)
     return summary
 
 
@@ -705,5 +722,5 @@ def main(argv: list[str] | None = None) -> None:
     objectives = [named_in(settings.objectives, name) for name in objectives]
     summary = run_lab(settings, regimes, objectives, args.out or Path(settings.out), args.workers)
     out = args.out or Path(settings.out)
-    print(markdown(summary).split("![accuracy]")[0].rstrip())
+    print(markdown(summary).split(PLOTS_INTRO)[0].rstrip())
     print(f"\nwrote {out / 'summary.md'}, summary.json, accuracy.png, deft_alpha.png")

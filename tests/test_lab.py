@@ -78,6 +78,9 @@ def test_lab_runs_from_the_command_line_and_repeats_exactly(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "lab"
     assert {"summary.md", "summary.json", "accuracy.png"} <= {p.name for p in out.iterdir()}
+    markdown = (out / "summary.md").read_text()
+    assert "shaded bands: ± one standard deviation over the seeds" in markdown  # the plots' caption names the bands
+    assert "Each regime's headline metric (top)" not in result.stdout  # the printed table stops before the plots
     summary = json.loads((out / "summary.json").read_text())
     assert summary["regimes"] == ["weak", "strong"] and list(summary["objectives"]) == ["NLL", "−p"]
     verdicts = {v["claim"]: v["outcome"] for v in summary["report"]["verdicts"]}
