@@ -40,6 +40,9 @@ def fit_case(name: str, tmp: Path) -> tuple[list[str], str]:
     data = "--data.init_args.train.init_args.path="
     if name == "invalid JSON":
         return [data + str(write(tmp / "bad.jsonl", rows(GOOD, '{"instruction": ')))], r"bad.jsonl:2: invalid JSON"
+    if name == "invalid JSON mid-line":  # the column an editor shows: characters, not bytes (é is two)
+        path = write(tmp / "bad.jsonl", rows(GOOD, '{"instruction": "café", "output": }'))
+        return [data + str(path)], r"bad.jsonl:2: invalid JSON \(Expecting value at column 35\)"
     if name == "missing field":
         path = write(tmp / "bad.jsonl", rows(GOOD, {"instruction": "a"}))
         return [data + str(path)], r"bad.jsonl:2: missing field 'output'; the record's fields are \['instruction'\]"
@@ -98,6 +101,7 @@ def fit_case(name: str, tmp: Path) -> tuple[list[str], str]:
 
 FIT_FAILURES = [
     "invalid JSON",
+    "invalid JSON mid-line",
     "missing field",
     "mistyped field",
     "empty file",

@@ -113,3 +113,20 @@ def test_analyze_prior_places_a_model_beside_the_lab_regimes(tmp_path):
     assert "lab: weak" in result.stdout and "paper Model-Strong" in result.stdout
     assert "nearest lab regime: weak" in result.stdout  # a random model rates every target ~1/V
     assert "in the lab's weak regime" in result.stdout and "did best on greedy_em" in result.stdout
+
+
+def test_analyze_prior_as_the_readme_runs_it_on_a_fresh_clone(tmp_path):
+    """No lab results yet: the numbers print with what to run for the comparison; a second analysis into the same
+    folder under its own --name (the README's FigFont line after its math line) does not collide."""
+    from conftest import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "model")
+    command = [sys.executable, "-m", "deft_lightning", "analyze", "prior", "--model", str(model), "--data"]
+    command += [str(ROOT / "data/tiny/val.jsonl"), "--lab", str(tmp_path / "no-lab/summary.json"), "--prompt-style"]
+    command += ["alpaca", "--out", str(tmp_path / "analysis"), "--limit", "8"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "no regime lab results at" in first.stdout and "run `make lab`" in first.stdout
+    second = subprocess.run([*command, "--name", "prior-b"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {"prior.csv", "prior-b.csv"} <= {p.name for p in (tmp_path / "analysis").iterdir()}
