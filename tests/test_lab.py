@@ -99,15 +99,19 @@ def test_lab_runs_from_the_command_line_and_repeats_exactly(tmp_path):
     )
 
 
+def prior_command(model: Path, lab: Path, out: Path) -> list[str]:
+    """`analyze prior` of `model` on the tiny validation rows, beside the lab summary in `lab`."""
+    command = [sys.executable, "-m", "deft_lightning", "analyze", "prior", "--model", str(model), "--data"]
+    command += [str(ROOT / "data/tiny/val.jsonl"), "--lab", str(lab / "summary.json"), "--prompt-style", "alpaca"]
+    return [*command, "--out", str(out), "--limit", "8"]
+
+
 def test_analyze_prior_places_a_model_beside_the_lab_regimes(tmp_path):
     from conftest import write_tiny_checkpoint
 
     settings = Settings.from_file(tiny_settings(tmp_path))
     run_lab(settings, ["weak", "strong"], ["NLL", "−p"], tmp_path / "lab", workers=1, progress=False)
-    model = write_tiny_checkpoint(tmp_path / "model")
-    command = [sys.executable, "-m", "deft_lightning", "analyze", "prior", "--model", str(model), "--data"]
-    command += [str(ROOT / "data/tiny/val.jsonl"), "--lab", str(tmp_path / "lab/summary.json"), "--prompt-style"]
-    command += ["alpaca", "--out", str(tmp_path / "analysis"), "--limit", "8"]
+    command = prior_command(write_tiny_checkpoint(tmp_path / "model"), tmp_path / "lab", tmp_path / "analysis")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lab: weak" in result.stdout and "paper Model-Strong" in result.stdout
@@ -120,10 +124,7 @@ def test_analyze_prior_as_the_readme_runs_it_on_a_fresh_clone(tmp_path):
     folder under its own --name (the README's FigFont line after its math line) does not collide."""
     from conftest import write_tiny_checkpoint
 
-    model = write_tiny_checkpoint(tmp_path / "model")
-    command = [sys.executable, "-m", "deft_lightning", "analyze", "prior", "--model", str(model), "--data"]
-    command += [str(ROOT / "data/tiny/val.jsonl"), "--lab", str(tmp_path / "no-lab/summary.json"), "--prompt-style"]
-    command += ["alpaca", "--out", str(tmp_path / "analysis"), "--limit", "8"]
+    command = prior_command(write_tiny_checkpoint(tmp_path / "model"), tmp_path / "no-lab", tmp_path / "analysis")
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "no regime lab results at" in first.stdout and "run `make lab`" in first.stdout
