@@ -1,10 +1,16 @@
-"""Token-level SFT objectives: NLL, −p, the deformed-log family, DFT, EAFT, Cayley and DEFT.
+"""Token-level SFT objectives: NLL, −p, the deformed-log family, DFT, EAFT, Cayley, DEFT, the thresholded and power
+f(p) of "Beyond log-likelihood", and the reference-anchored ASFT and PSFT.
 
 Contract (one per objective, torchtune-style): :meth:`Objective.token_loss` maps the *differentiable* target
 log-probability ``logp = log p_θ(y|c)`` and *detached* statistics (:class:`TokenStats`) to a per-token loss.
 Because only ``logp`` carries gradient, every objective's logit gradient is ``w · (softmax − onehot)`` with the
 detached weight ``w = −∂loss/∂logp`` (the paper's gate, Eq. 6–7); :meth:`Objective.weight` returns it.
 An objective declares the statistics it reads in ``needs``; the machinery computes only those.
+
+Anchored objectives (``needs.reference``) also read a reference model at the same positions: ``reference_logp``
+(detached) and ``reference_kl`` = KL(π_ref ‖ π_θ), whose gradient on the logits is (softmax − π_ref); the
+gate of that term, ``∂loss/∂kl``, is the second one :meth:`Objective.loss_and_gates` returns. The reference is the
+starting weights, refreshed from the trained ones every ``refresh_reference_every`` steps where that is > 0.
 
 Add your own by subclassing :class:`Objective` and naming it by ``class_path`` in YAML (see README).
 """
@@ -22,7 +28,8 @@ from torch import Tensor
 
 from deft_lightning.statistics import NO_STATS, Needs, TokenStats, target_log_probs
 
-__all__ = ["DEFT", "DFT", "EAFT", "NLL", "Cayley", "CayleyReference", "Objective", "Prob", "QLog"]
+__all__ = ["ASFT", "DEFT", "DFT", "EAFT", "NLL", "PSFT", "Cayley", "CayleyReference", "Objective", "Prob", "QLog"]
+__all__ += ["OnlyBottomP", "OnlyTopP", "Power"]
 __all__ += ["Needs", "TokenStats", "deformed_log_loss"]
 
 
@@ -60,6 +67,8 @@ class Objective(ABC):
     needs: Needs = NO_STATS
     #: True when a token's loss depends on other tokens' statistics (then the fused path cannot chunk it)
     batch_dependent: bool = False
+    #: > 0: copy the trained weights into the reference model every this many optimizer steps (``needs.reference``)
+    refresh_reference_every: int = 0
 
     @abstractmethod
     def token_loss(self, logp: Tensor, stats: TokenStats) -> Tensor:
@@ -69,27 +78,35 @@ class Objective(ABC):
         """The per-token focus index α (detached) for deformed-log objectives; ``None`` for the others."""
         return None
 
-    def loss_and_weight(self, logp: Tensor, stats: TokenStats) -> tuple[Tensor, Tensor]:
-        """Detached per-token loss and gate w = −∂loss/∂logp (the logit gradient is w · (softmax − onehot))."""
+    def loss_and_gates(self, logp: Tensor, stats: TokenStats) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Detached per-token loss, gate w = −∂loss/∂logp and, for anchored objectives, the KL term's gate
+        ∂loss/∂kl: the logit gradient is w · (softmax − onehot) + ∂loss/∂kl · (softmax − π_ref)."""
         logp = logp.detach().requires_grad_(True)
+        inputs = [logp]
+        if "reference_kl" in stats:
+            kl = stats.reference_kl.detach().requires_grad_(True)
+            stats = stats.replaced(reference_kl=kl)
+            inputs.append(kl)
         with torch.enable_grad():
             loss = self.token_loss(logp, stats)
-            (grad,) = torch.autograd.grad(loss.sum(), logp)
-        return loss.detach(), -grad
+            grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+        return loss.detach(), -grads[0], grads[1] if len(grads) > 1 else None
 
     def weight(self, logp: Tensor, stats: TokenStats) -> Tensor:
-        """Detached per-token gate w = −∂loss/∂logp: the logit gradient is w · (softmax − onehot)."""
-        return self.loss_and_weight(logp, stats)[1]
+        """Detached per-token gate w = −∂loss/∂logp: the logit gradient is w · (softmax − onehot) (+ the KL term's)."""
+        return self.loss_and_gates(logp, stats)[1]
 
-    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Reference form on raw tensors: ``logits [N, V]``, ``targets [N]`` → per-token loss ``[N]`` (no masking)."""
-        logp, stats = target_log_probs(logits, targets, self.needs, ignore_index=None)
+    def __call__(self, logits: Tensor, targets: Tensor, reference: Tensor | None = None) -> Tensor:
+        """Reference form on raw tensors: ``logits [N, V]``, ``targets [N]`` (and a reference model's logits for
+        anchored objectives) → per-token loss ``[N]`` (no masking)."""
+        logp, stats = target_log_probs(logits, targets, self.needs, ignore_index=None, reference=reference)
         return self.token_loss(logp, stats)
 
-    def focus(self, logits: Tensor, targets: Tensor) -> Tensor | None:
+    def focus(self, logits: Tensor, targets: Tensor, reference: Tensor | None = None) -> Tensor | None:
         """Per-token α on raw tensors, for logging and analysis; ``None`` if the objective has none."""
         with torch.no_grad():
-            _, stats = target_log_probs(logits, targets, self.needs, ignore_index=None)
+            _, stats = target_log_probs(logits, targets, self.needs, ignore_index=None, reference=reference)
         return self.focus_index(stats)
 
     def init_args(self) -> dict[str, Any]:
@@ -229,3 +246,80 @@ class DEFT(Objective):
 
     def focus_index(self, stats: TokenStats) -> Tensor:
         return stats.collision
+
+
+class Power(Objective):
+    """ "Beyond log-likelihood" (Li et al., arXiv 2510.00526) −p^k, written 1 − p^k so that it is 0 at p = 1:
+    k·QLog(k) (Eq. 10), gate k·p^k. k = 1 is −p."""
+
+    def __init__(self, k: float = 2.0) -> None:
+        if not k > 0:
+            raise ValueError(f"Power k must be > 0, got {k}")
+        self.k = k
+
+    def token_loss(self, logp: Tensor, stats: TokenStats) -> Tensor:
+        return self.k * deformed_log_loss(logp, self.k)
+
+
+def _thresholded(logp: Tensor, keep: Tensor, log: bool) -> Tensor:
+    """1 − p (or −log p) on the kept tokens, 0 on the others; the mask is detached."""
+    loss = -logp if log else deformed_log_loss(logp, 1.0)
+    return torch.where(keep, loss, 0)
+
+
+class OnlyTopP(Objective):
+    """The DEFT / "Beyond log-likelihood" reference code's ``OnlyTopP-t``: −p on the tokens with sg(p) ≥ t only
+    (``log: true``: −log p, ``OnlyTopLogP``). Gate p (or 1) where kept, 0 elsewhere."""
+
+    def __init__(self, threshold: float = 0.5, log: bool = False) -> None:
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"{type(self).__name__} threshold must be in [0, 1], got {threshold}")
+        self.threshold = threshold
+        self.log = log
+
+    def token_loss(self, logp: Tensor, stats: TokenStats) -> Tensor:
+        return _thresholded(logp, stats.prob >= self.threshold, self.log)
+
+
+class OnlyBottomP(OnlyTopP):
+    """``OnlyBottomP-t``: −p (``log: true``: −log p) on the tokens with sg(p) < t only."""
+
+    def token_loss(self, logp: Tensor, stats: TokenStats) -> Tensor:
+        return _thresholded(logp, stats.prob < self.threshold, self.log)
+
+
+class ASFT(Objective):
+    """Anchored SFT (Zhu et al., arXiv 2509.23753): DFT + λ·KL(π_ref ‖ π_θ) per token, π_ref the frozen starting
+    weights (a LoRA fit's base, adapters off). Logit gradient p·(softmax − onehot) + λ·(softmax − π_ref)."""
+
+    needs = Needs(reference=True)
+
+    def __init__(self, kl_weight: float = 0.1) -> None:
+        if not kl_weight >= 0:
+            raise ValueError(f"ASFT kl_weight must be >= 0, got {kl_weight}")
+        self.kl_weight = kl_weight
+
+    def token_loss(self, logp: Tensor, stats: TokenStats) -> Tensor:
+        return -stats.prob * logp + self.kl_weight * stats.reference_kl
+
+
+class PSFT(Objective):
+    """Proximal SFT (Zhu et al., arXiv 2508.17784): PPO's clipped surrogate with advantage 1,
+    −min(r, clip(r, 1 − ε, 1 + ε)), r = π_θ(y)/π_old(y), π_old the weights of ``refresh_every`` steps ago at most
+    (a snapshot refreshed every K steps). Gate r where r ≤ 1 + ε, 0 above: a token already pushed past the trust
+    region stops pulling until the next refresh. Right after a refresh r = 1, the NLL gradient."""
+
+    needs = Needs(reference=True)
+
+    def __init__(self, epsilon: float = 0.2, refresh_every: int = 4) -> None:
+        if not 0 < epsilon < 1 or refresh_every < 1:
+            raise ValueError(f"PSFT needs 0 < epsilon < 1 and refresh_every >= 1, got {epsilon}, {refresh_every}")
+        self.epsilon = epsilon
+        self.refresh_every = refresh_every
+        self.refresh_reference_every = refresh_every
+
+    def token_loss(self, logp: Tensor, stats: TokenStats) -> Tensor:
+        log_ratio = logp - stats.reference_logp
+        log_ratio = torch.where(torch.isnan(log_ratio), 0, log_ratio)  # p = π_old = 0: ratio 1
+        # with a positive advantage only the upper clip binds: −min(r, clip(r, 1−ε, 1+ε)) = −min(r, 1+ε)
+        return -log_ratio.clamp(max=math.log1p(self.epsilon)).exp()

@@ -6,6 +6,10 @@ log-probability ``log p = z_y − LSE(z)``; everything else an objective looks a
 entropy) is a detached statistic. :func:`target_log_probs` computes log p and exactly the statistics asked
 for, in fp32 (or wider) whatever the logits' dtype, over chunks of rows so that no more than one chunk of
 ``[rows × vocab]`` fp32 temporaries exists at a time — in the forward and in the backward pass.
+
+Anchored objectives also look at a *reference* model's distribution q at the same positions (``Needs(reference=
+True)``): the detached ``reference_logp`` = log q_y, and ``reference_kl`` = KL(q ‖ softmax(z)), the one statistic
+that carries gradient (∂KL/∂z = softmax(z) − q), computed from two chunks of logits side by side.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import Tensor
 #: slower on CPU than 441-row chunks (256 MiB).
 DEFAULT_CHUNK_ELEMENTS = 2**26
 
-STAT_NAMES = ("entropy", "collision", "topk_entropy", "correct")
+STAT_NAMES = ("entropy", "collision", "topk_entropy", "correct", "reference_logp", "reference_kl")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Needs:
     collision: bool = False  # Σ_v p_v² = exp(−Rényi-2 entropy)
     top_k: int = 0  # > 0: entropy of the softmax over the k largest logits
     correct: bool = False  # argmax(z) == y, for token accuracy
+    reference: bool = False  # log q_y and KL(q ‖ p) against a reference model's distribution q
 
     def __or__(self, other: Needs) -> Needs:
         if self.top_k and other.top_k and self.top_k != other.top_k:
@@ -40,10 +45,12 @@ class Needs:
             collision=self.collision or other.collision,
             top_k=self.top_k or other.top_k,
             correct=self.correct or other.correct,
+            reference=self.reference or other.reference,
         )
 
     def requested(self) -> tuple[str, ...]:
-        flags = (self.entropy, self.collision, self.top_k > 0, self.correct)
+        reference = (self.reference, self.reference)
+        flags = (self.entropy, self.collision, self.top_k > 0, self.correct, *reference)
         return tuple(name for name, flag in zip(STAT_NAMES, flags, strict=True) if flag)
 
 
@@ -51,7 +58,8 @@ NO_STATS = Needs()
 
 
 class TokenStats:
-    """Detached per-token statistics of the predictive distribution, each a ``[N]`` tensor.
+    """Detached per-token statistics of the predictive distribution, each a ``[N]`` tensor (``reference_kl``
+    excepted: it carries the gradient of KL(q ‖ p), see the module docstring).
 
     Reading a statistic that was not computed raises an error that says to declare it in ``Objective.needs``.
     """
@@ -66,6 +74,10 @@ class TokenStats:
         """Target probability p = exp(log p)."""
         return self.logp.exp()
 
+    def replaced(self, **values: Tensor) -> TokenStats:
+        """The same statistics with some of them replaced."""
+        return TokenStats(self.logp, self.vocab_size, **{**self._computed, **values})
+
     def __contains__(self, name: str) -> bool:
         return name in self._computed
 
@@ -74,9 +86,10 @@ class TokenStats:
         if name in computed:
             return computed[name]
         if name in STAT_NAMES:
+            example = {"topk_entropy": "top_k=20", "reference_logp": "reference=True", "reference_kl": "reference=True"}
             raise AttributeError(
                 f"statistic '{name}' was not computed; declare it in the objective's `needs` "
-                f"(e.g. needs = Needs({'top_k=20' if name == 'topk_entropy' else name + '=True'}))"
+                f"(e.g. needs = Needs({example.get(name, name + '=True')}))"
             )
         raise AttributeError(name)
 
@@ -110,15 +123,48 @@ def topk_entropy(z: Tensor, k: int) -> Tensor:
     return torch.log1p(spread) - weighted / (1 + spread)
 
 
-def softmax_chunk(z: Tensor, targets: Tensor, needs: Needs) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+def _row_lse(z: Tensor) -> Tensor:
+    """Log-sum-exp of each row, over slices of rows (its temporary is ``1/ENTROPY_SLICES`` of the chunk)."""
+    step = max(1, -(-z.shape[0] // ENTROPY_SLICES))
+    return torch.cat([torch.logsumexp(part, -1) for part in z.split(step)])
+
+
+def _anchor_chunk(z: Tensor, reference: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """log q_y and KL(q ‖ p); turns ``reference`` into q **in place**.
+
+    KL = Σ_v q_v·((z_ref − z)_v − (LSE_ref − LSE)) is formed from logit differences, so two identical models give
+    exactly 0, and a token with q_v = 0 contributes 0 whatever its logits (−inf included).
+    """
+    lse, lse_ref = _row_lse(z), _row_lse(reference)
+    reference_logp = reference.gather(1, targets[:, None]).squeeze(1) - lse_ref
+    offset = (lse_ref - lse)[:, None]
+    step = max(1, -(-z.shape[0] // ENTROPY_SLICES))
+    kl = []
+    for z_part, ref_part, lse_part, offset_part in zip(
+        z.split(step), reference.split(step), lse_ref[:, None].split(step), offset.split(step), strict=True
+    ):
+        q = (ref_part - lse_part).exp()
+        kl.append(torch.where(q > 0, q * (ref_part - z_part - offset_part), 0).sum(-1))
+    reference.sub_(lse_ref[:, None]).exp_()
+    return reference_logp, torch.cat(kl)
+
+
+def softmax_chunk(
+    z: Tensor, targets: Tensor, needs: Needs, reference: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """Turn a chunk of fp32 (or fp64) logits ``z [rows, V]`` into its softmax **in place**, with one exp pass.
 
     Returns ``log p`` of the targets, the log-sum-exp, the softmax (``z``'s storage) and the requested statistics,
     all in ``z``'s dtype whatever autocast says; the only other ``[rows × V]``-sized temporary is a slice of
-    ``1/ENTROPY_SLICES`` of the chunk on steps that ask for the entropy.
+    ``1/ENTROPY_SLICES`` of the chunk on steps that ask for the entropy. With ``needs.reference``, ``reference``
+    holds the reference model's logits for the same rows and becomes its softmax q, in place.
     """
     with full_precision(z.device):
         stats = {}
+        if needs.reference:
+            if reference is None:
+                raise ValueError("statistics of a reference model were requested but no reference logits were given")
+            stats["reference_logp"], stats["reference_kl"] = _anchor_chunk(z, reference, targets)
         if needs.top_k:
             stats["topk_entropy"] = topk_entropy(z, needs.top_k)
         peak = z.amax(-1, keepdim=True)
@@ -138,10 +184,11 @@ def softmax_chunk(z: Tensor, targets: Tensor, needs: Needs) -> tuple[Tensor, Ten
 
 
 class _TargetLogProb(torch.autograd.Function):
-    """log p_y = z_y − LSE(z) for selected rows, with statistics; backward (onehot − softmax) · grad, chunked."""
+    """log p_y = z_y − LSE(z) for selected rows, with statistics; backward (onehot − softmax)·g_logp, plus
+    (softmax − q)·g_kl for the KL to a reference, chunked."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor, needs: Needs, chunk: int):
+    def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor, needs: Needs, chunk: int, reference: Tensor | None):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         n = rows.numel()
         logp = torch.empty(n, dtype=dtype, device=logits.device)
@@ -150,30 +197,43 @@ class _TargetLogProb(torch.autograd.Function):
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             z = logits.index_select(0, rows[start:stop]).to(dtype)
+            z_ref = reference.index_select(0, rows[start:stop]).to(dtype) if needs.reference else None
             t = targets[start:stop]
-            logp[start:stop], lse[start:stop], probs, chunk_stats = softmax_chunk(z, t, needs)
+            logp[start:stop], lse[start:stop], probs, chunk_stats = softmax_chunk(z, t, needs, z_ref)
             for name, value in chunk_stats.items():
                 stats.setdefault(name, []).append(value)
-            del z, probs  # free this chunk before the next one is allocated
-        ctx.save_for_backward(logits, rows, targets, lse)
+            del z, z_ref, probs  # free this chunk before the next one is allocated
+        ctx.save_for_backward(logits, rows, targets, lse, reference if needs.reference else None)
         ctx.chunk = chunk
         outputs = [torch.cat(stats[name]) if name in stats else logp.new_empty(0) for name in STAT_NAMES]
-        ctx.mark_non_differentiable(*outputs)
+        ctx.mark_non_differentiable(
+            *[out for name, out in zip(STAT_NAMES, outputs, strict=True) if name != "reference_kl"]
+        )
         return (logp, *outputs)
 
     @staticmethod
-    def backward(ctx, grad_logp: Tensor, *_: Tensor):
-        logits, rows, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp: Tensor, *grad_stats: Tensor):
+        logits, rows, targets, lse, reference = ctx.saved_tensors
+        grad_kl = grad_stats[STAT_NAMES.index("reference_kl")] if reference is not None else None
         grad_logits = torch.zeros_like(logits)
         for start in range(0, rows.numel(), ctx.chunk):
             stop = min(start + ctx.chunk, rows.numel())
+            index = rows[start:stop]
             g = grad_logp[start:stop, None]
-            grad = logits.index_select(0, rows[start:stop]).to(lse.dtype)
-            grad.sub_(lse[start:stop, None]).exp_().mul_(-g)  # in place: one [rows × V] buffer per chunk
+            grad = logits.index_select(0, index).to(lse.dtype)
+            grad.sub_(lse[start:stop, None]).exp_()  # softmax, in place: one [rows × V] buffer per chunk
+            if grad_kl is None:
+                grad.mul_(-g)
+            else:  # ∂/∂z of g_kl·KL(q ‖ p) is g_kl·(p − q)
+                g_kl = grad_kl[start:stop, None]
+                q = reference.index_select(0, index).to(lse.dtype)
+                q = q.sub_(_row_lse(q)[:, None]).exp_().mul_(g_kl)
+                grad.mul_(g_kl - g).sub_(q)
+                del q
             grad.scatter_add_(1, targets[start:stop, None], g)
-            grad_logits.index_copy_(0, rows[start:stop], grad.to(logits.dtype))
+            grad_logits.index_copy_(0, index, grad.to(logits.dtype))
             del grad
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 def target_log_probs(
@@ -182,6 +242,7 @@ def target_log_probs(
     needs: Needs = NO_STATS,
     ignore_index: int | None = -100,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    reference: Tensor | None = None,
 ) -> tuple[Tensor, TokenStats]:
     """Differentiable target log-probabilities and detached statistics of the rows whose target is kept.
 
@@ -191,6 +252,7 @@ def target_log_probs(
         needs: the statistics to compute besides log p.
         ignore_index: target value to drop; ``None`` keeps every row.
         chunk_elements: fp32 elements per chunk of logits.
+        reference: ``[N, V]`` logits of a reference model at the same positions, for ``needs.reference``.
 
     Returns:
         ``log p`` of shape ``[n_kept]`` (gradient w.r.t. ``logits``) and the :class:`TokenStats` of the same rows.
@@ -204,6 +266,12 @@ def target_log_probs(
     else:
         rows = (targets != ignore_index).nonzero().squeeze(1)
     kept = targets.index_select(0, rows)
-    logp, *stats = _TargetLogProb.apply(logits, rows, kept, needs, chunk_rows(logits.shape[-1], chunk_elements))
+    if needs.reference and (reference is None or reference.shape != logits.shape):
+        got = None if reference is None else tuple(reference.shape)
+        raise ValueError(f"needs.reference: expected reference logits of shape {tuple(logits.shape)}, got {got}")
+    chunk = chunk_rows(logits.shape[-1], chunk_elements)
+    logp, *stats = _TargetLogProb.apply(
+        logits, rows, kept, needs, chunk, reference.detach() if needs.reference else None
+    )
     computed = dict(zip(STAT_NAMES, stats, strict=True))
     return logp, TokenStats(logp, logits.shape[-1], **{name: computed[name] for name in needs.requested()})

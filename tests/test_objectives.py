@@ -9,14 +9,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deft_lightning.objectives import (
+    ASFT,
     DEFT,
     DFT,
     EAFT,
     NLL,
+    PSFT,
     Cayley,
     CayleyReference,
     Needs,
     Objective,
+    OnlyBottomP,
+    OnlyTopP,
+    Power,
     Prob,
     QLog,
     objective_from_spec,
@@ -35,6 +40,12 @@ ALL = [
     Cayley(),
     CayleyReference(),
     DEFT(),
+    Power(2.0),
+    Power(0.5),
+    OnlyTopP(0.3),
+    OnlyTopP(0.3, log=True),
+    OnlyBottomP(0.3),
+    OnlyBottomP(0.3, log=True),
 ]
 
 
@@ -62,6 +73,11 @@ def reference_gate(objective: Objective, logits: torch.Tensor, targets: torch.Te
         return p ** (floor + (1 - floor) * p / (2 - p)).clamp(0.001, 1)
     if isinstance(objective, DEFT):
         return p ** (q**2).sum(-1)  # Eq. 20
+    if isinstance(objective, Power):  # −p^k
+        return objective.k * p**objective.k
+    if isinstance(objective, OnlyTopP):
+        keep = p < objective.threshold if isinstance(objective, OnlyBottomP) else p >= objective.threshold
+        return keep * (torch.ones_like(p) if objective.log else p)
     raise AssertionError(objective)
 
 
@@ -273,5 +289,121 @@ def test_spec_round_trip(objective):
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="alpha must be >= 0"):
         QLog(-0.1)
+    with pytest.raises(ValueError, match="k must be > 0"):
+        Power(0)
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        OnlyBottomP(1.5)
+    with pytest.raises(ValueError, match="epsilon"):
+        PSFT(epsilon=1.0)
+    with pytest.raises(ValueError, match="kl_weight"):
+        ASFT(-1)
     with pytest.raises(ValueError, match="k must be >= 2"):
         EAFT(k=1)
+
+
+# ---------------------------------------------------------------- anchored objectives: a reference model's logits
+
+
+def anchored_case(seed: int = 7, rows: int = 24, vocab: int = 30):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 2
+    reference = logits + torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 0.7
+    return logits, torch.randint(0, vocab, (rows,), generator=generator), reference
+
+
+def explicit_asft(logits, targets, reference, kl_weight):
+    """DFT + λ·KL(π_ref ‖ π_θ) written with torch's own ops (ASFT's code: F.kl_div(log π_θ, π_ref))."""
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
+    kl = torch.nn.functional.kl_div(logp_all, torch.softmax(reference, -1), reduction="none").sum(-1)
+    return -logp.detach().exp() * logp + kl_weight * kl
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.1, 2.0])
+def test_asft_gradient_is_dft_plus_kl_pull_toward_the_reference(kl_weight):
+    logits, targets, reference = anchored_case()
+    objective = ASFT(kl_weight)
+    torch.testing.assert_close(
+        objective(logits, targets, reference), explicit_asft(logits, targets, reference, kl_weight)
+    )
+    z = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(z, targets, reference).sum(), z)
+    softmax, onehot = torch.softmax(logits, -1), torch.nn.functional.one_hot(targets, logits.shape[-1])
+    p = softmax.gather(1, targets[:, None])
+    torch.testing.assert_close(grad, p * (softmax - onehot) + kl_weight * (softmax - torch.softmax(reference, -1)))
+    logp, stats = target_log_probs(logits, targets, objective.needs, ignore_index=None, reference=reference)
+    _, gate, anchor_gate = objective.loss_and_gates(logp, stats)
+    torch.testing.assert_close(gate, p.squeeze(1))
+    torch.testing.assert_close(anchor_gate, torch.full_like(gate, kl_weight))
+
+
+def test_asft_limits_kl_weight_zero_is_dft_and_an_identical_reference_adds_exactly_nothing():
+    logits, targets, reference = anchored_case()
+    assert torch.equal(ASFT(0.0)(logits, targets, reference), DFT()(logits, targets))
+    _, stats = target_log_probs(logits, targets, ASFT.needs, ignore_index=None, reference=logits.clone())
+    assert torch.equal(stats.reference_kl, torch.zeros_like(stats.reference_kl))  # not merely ≈ 0
+    assert torch.equal(ASFT(0.5)(logits, targets, logits.clone()), DFT()(logits, targets))
+
+
+def test_psft_gate_is_the_ratio_inside_the_trust_region_and_zero_above():
+    logits, targets, reference = anchored_case()
+    objective = PSFT(epsilon=0.2)
+    z = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(z, targets, reference).sum(), z)
+    softmax, onehot = torch.softmax(logits, -1), torch.nn.functional.one_hot(targets, logits.shape[-1])
+    ratio = (softmax / torch.softmax(reference, -1)).gather(1, targets[:, None]).squeeze(1)
+    assert (ratio > 1.2).any() and (ratio <= 1.2).any()  # both sides of the clip are exercised
+    gate = torch.where(ratio <= 1.2, ratio, 0)
+    torch.testing.assert_close(grad, gate[:, None] * (softmax - onehot))
+    torch.testing.assert_close(objective(logits, targets, reference), -torch.minimum(ratio, ratio.clamp(0.8, 1.2)))
+    # right after a refresh (π_old = π_θ) the ratio is 1 and PSFT's gradient is NLL's
+    (fresh,) = torch.autograd.grad(objective(z, targets, logits.clone()).sum(), z)
+    torch.testing.assert_close(fresh, softmax - onehot)
+
+
+@pytest.mark.parametrize("objective", [ASFT(), ASFT(kl_weight=1.5), PSFT(), PSFT(epsilon=0.05)], ids=repr)
+def test_anchored_finite_differences(objective):
+    """Central differences of loss(z), the reference and the detached statistics frozen at z₀, match autograd —
+    the KL term differentiated for real, not through the gate."""
+    logits, targets, reference = anchored_case(seed=8, rows=5, vocab=9)
+    _, frozen = target_log_probs(logits, targets, objective.needs, ignore_index=None, reference=reference)
+    q = torch.softmax(reference, -1)
+
+    def loss(z):
+        logp_all = torch.log_softmax(z, -1)
+        kl = (q * (q.log() - logp_all)).sum(-1)
+        return objective.token_loss(logp_all.gather(1, targets[:, None]).squeeze(1), frozen.replaced(reference_kl=kl))
+
+    numeric = torch.zeros_like(logits)
+    h = 1e-6
+    for i in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            step = torch.zeros_like(logits)
+            step[i, j] = h
+            numeric[i, j] = (loss(logits + step).sum() - loss(logits - step).sum()) / (2 * h)
+    z = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(z, targets, reference).sum(), z)
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("objective", [ASFT(), PSFT()], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_anchored_extreme_logits_are_finite(objective, dtype):
+    """p → 0 and p → 1 exactly under the model and the reference (a token masked to −inf in both): finite, fp32."""
+    logits = torch.tensor(
+        [[1e4, -1e4, 0.0, 5.0], [-1e4, 1e4, 0.0, 5.0], [0.0, 0.0, 0.0, 0.0], [30.0, 0.0, 0.0, -float("inf")]],
+        dtype=dtype,
+    )
+    targets = torch.tensor([0, 0, 2, 0])
+    uniform = torch.zeros_like(logits).masked_fill(logits.isinf(), -float("inf"))
+    for reference in (logits.clone(), logits.flip(0), uniform):
+        z = logits.clone().requires_grad_(True)
+        loss = objective(z, targets, reference)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+        assert loss.dtype == torch.float32 and grad.dtype == dtype
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (reference, loss, grad)
+
+
+def test_anchored_objectives_say_they_need_a_reference():
+    with pytest.raises(ValueError, match="reference"):
+        ASFT()(torch.randn(3, 5), torch.tensor([0, 1, 2]))

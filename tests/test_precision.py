@@ -12,10 +12,26 @@ from test_objectives import reference_gate
 
 from deft_lightning.fused import fused_objective_loss
 from deft_lightning.model import DeftModule, cosine_with_warmup
-from deft_lightning.objectives import DEFT, DFT, EAFT, NLL, Cayley, CayleyReference, Objective, Prob, QLog
+from deft_lightning.objectives import (
+    ASFT,
+    DEFT,
+    DFT,
+    EAFT,
+    NLL,
+    PSFT,
+    Cayley,
+    CayleyReference,
+    Objective,
+    OnlyBottomP,
+    OnlyTopP,
+    Power,
+    Prob,
+    QLog,
+)
 from deft_lightning.statistics import Needs, target_log_probs
 
 OBJECTIVES = [NLL(), Prob(), QLog(0.3), QLog(1.0), DFT(), EAFT(), Cayley(), CayleyReference(), DEFT()]
+OBJECTIVES += [Power(1.5), OnlyTopP(0.1, log=True), OnlyBottomP(0.1)]  # p^k of log p = −45 fits fp32 for k < 2
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
@@ -34,6 +50,25 @@ def test_fused_backward_under_bf16_autocast():
     assert hidden.grad.dtype == weight.grad.dtype == torch.float32
     assert loss.dtype == token_loss.dtype == logp.dtype == stats.collision.dtype == torch.float32
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("objective", [ASFT(), PSFT()], ids=repr)
+def test_anchored_statistics_are_fp32_under_bf16_autocast(objective):
+    """The reference's logits are formed like the model's: bf16 operands, fp32 products, fp32 KL and log q_y."""
+    torch.manual_seed(3)
+    hidden, weight = torch.randn(40, 32, requires_grad=True), torch.randn(300, 32, requires_grad=True)
+    reference = (torch.randn(40, 32), torch.randn(300, 32))
+    targets = torch.randint(0, 300, (40,))
+    with autocast():
+        loss, token_loss, _, _, stats = fused_objective_loss(
+            hidden, weight, targets, objective, 0.1, reference=reference
+        )
+        loss.backward()
+    assert token_loss.dtype == stats.reference_kl.dtype == stats.reference_logp.dtype == torch.float32
+    assert hidden.grad.dtype == torch.float32 and torch.isfinite(hidden.grad).all()
+    exact = torch.log_softmax(reference[0].bfloat16().double() @ reference[1].bfloat16().double().T, -1)
+    exact = exact.gather(1, targets[:, None]).squeeze(1)
+    assert (stats.reference_logp.double() - exact).abs().max() < 1e-4
 
 
 def test_fused_logits_are_fp32_products_of_bf16_operands():
@@ -112,7 +147,8 @@ def test_logit_gradient_matches_fp64_closed_form_per_row(objective, path, dtype)
         error = torch.softmax(exact_logits, -1) - torch.nn.functional.one_hot(targets, logits.shape[1])
         want = reference_gate(objective, exact_logits, targets)[:, None] * error
         got = grad_of(objective, logits, targets).double()
-        relative = (got - want).norm(dim=1) / want.norm(dim=1)
+        scale = want.norm(dim=1)
+        relative = (got - want).norm(dim=1) / torch.where(scale > 0, scale, 1)  # a masked token's gate: exactly 0
         assert relative.max() < tolerance, f"{case}: worst row {relative.argmax()} off by {relative.max():.2e}"
         if case == "conflict" and (isinstance(objective, DEFT | Prob) or getattr(objective, "alpha", 0) == 1):
             assert want.norm(dim=1).min() < 1e-17  # the gates really are that small
