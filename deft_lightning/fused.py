@@ -125,11 +125,11 @@ class _FusedObjectiveLoss(torch.autograd.Function):
             weighted_sum += (token_loss * factor).sum()
             gate = gate * factor
             # ∂(Σ factor·loss)/∂z = gate · (softmax − onehot) [+ anchor gate · (softmax − q)], in place on the softmax
-            if anchor_gate is None:
-                grad_z = probs.mul_(gate[:, None])
-            else:
-                anchor_gate = anchor_gate * factor
-                grad_z = probs.mul_((gate + anchor_gate)[:, None]).sub_(q.mul_(anchor_gate[:, None]))
+            if anchor_gate is not None:  # q − p first: exactly 0 where the reference is the model
+                q.sub_(probs).mul_((anchor_gate * factor)[:, None])
+            grad_z = probs.mul_(gate[:, None])
+            if anchor_gate is not None:
+                grad_z.sub_(q)
             grad_z.scatter_add_(1, y[:, None], -gate[:, None])
             grad_z = projection.cast(grad_z)
             grad_hidden.index_copy_(0, index, _matmul(grad_z, projection.weight, wide).to(hidden.dtype))

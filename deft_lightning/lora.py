@@ -15,6 +15,8 @@ rank stores only its shard of the base).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,6 +71,23 @@ def head_weight(head: torch.nn.Module) -> torch.Tensor:
     if getattr(head, "r", 0) > 0 and not getattr(head, "merged", False):
         return linear.weight + head.get_lora_AB()
     return linear.weight
+
+
+@contextmanager
+def adapters_off(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block the LoRA model computes its base: every adapter's rank reads 0, so litgpt's layers (and
+    :func:`head_weight`) skip them — the reference of anchored objectives, with no second copy of the weights."""
+    from litgpt.lora import LoRALayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoRALayer)]
+    ranks = [layer.r for layer in layers]
+    for layer in layers:
+        layer.r = 0
+    try:
+        yield
+    finally:
+        for layer, rank in zip(layers, ranks, strict=True):
+            layer.r = rank
 
 
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

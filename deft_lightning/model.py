@@ -8,9 +8,11 @@ token mean, whatever the accumulation depth, the sequence lengths or the number 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +28,7 @@ from torchmetrics import MeanMetric
 
 from deft_lightning.fused import fused_log_probs, fused_objective_loss
 from deft_lightning.generation import SamplingConfig, generate
-from deft_lightning.lora import LoRA, as_lora, plain
+from deft_lightning.lora import LoRA, adapters_off, as_lora, head_weight, plain
 from deft_lightning.loss_head import head_computes
 from deft_lightning.objectives import NLL, Objective, objective_from_spec
 from deft_lightning.packed import packed_positions, packing_unsupported
@@ -70,6 +72,13 @@ def resolve_model_config(
     raise ValueError("set one of model.checkpoint_dir, model.model_name or model.model_config")
 
 
+def _unsharded(tensor: Tensor) -> Tensor:
+    """A whole tensor from an FSDP2 shard (an all-gather; every rank calls it at the same point), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def shift_labels(labels: Tensor) -> Tensor:
     """Position t predicts token t+1: drop the first label and pad the end with IGNORE_INDEX (no logits copy)."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -110,6 +119,10 @@ class DeftModule(L.LightningModule):
             the checkpoint's head equals its embeddings; ``true`` requires that; ``false`` never ties.
         lora: train LoRA adapters instead of the whole model (:mod:`deft_lightning.lora`), e.g.
             ``--model.lora.r 8 --model.lora.alpha 16``.
+
+    Anchored objectives (ASFT, PSFT: ``objective.needs.reference``) read a frozen reference model at the same
+    positions: ``reference``, a copy of the starting weights sharded like the model (kept in checkpoints where the
+    objective refreshes it from the trained weights), or under LoRA the model itself with its adapters off.
     """
 
     def __init__(
@@ -145,6 +158,7 @@ class DeftModule(L.LightningModule):
         self.strict_loading = self.lora is None  # LoRA checkpoints may hold the adapters only
         self.automatic_optimization = False  # we accumulate micro-batches ourselves (global token mean)
         self.model: GPT | None = None
+        self.reference: GPT | None = None  # anchored objectives' frozen model (full fine-tuning)
         self.tied = False  # whether configure_model shared the head with the embeddings
         self._checked = False  # check_run passed (the CLI runs it before fit; setup would again)
         self.skipped_steps = 0
@@ -181,11 +195,15 @@ class DeftModule(L.LightningModule):
         self.tied = self._heads_equal() if tie == "auto" else bool(tie)
         if self.tied:
             self._tie_embeddings()
+        if self.objective.needs.reference and self.lora is None:
+            self.reference = copy.deepcopy(self.model).requires_grad_(False)  # a tied head stays tied
         strategy = self.trainer.strategy if self._trainer else None
         if self.hparams.activation_checkpointing and not isinstance(strategy, FSDPStrategy):
             checkpoint_blocks(self.model)  # FSDP1 wraps first, then checkpoints (BlockFSDPStrategy)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             shard_blocks(self.model, self.device_mesh["data_parallel"])
+            if self.reference is not None:
+                shard_blocks(self.reference, self.device_mesh["data_parallel"])
 
     def _heads_equal(self) -> bool:
         """The checkpoint's output head equals its input embeddings (a tied original, untied by LitGPT on import)."""
@@ -235,6 +253,16 @@ class DeftModule(L.LightningModule):
                 f"{self.config.padded_vocab_size}; set model.model_config.vocab_size / padded_vocab_size"
             )
         strategy = trainer.strategy
+        if self.objective.needs.reference and isinstance(strategy, FSDPStrategy):
+            raise ValueError(
+                f"{self.objective!r} reads a reference model, which FSDP1 (FSDPStrategy) would flatten together with "
+                "the trained one; use deft_lightning.strategies.FSDP2Strategy"
+            )
+        if self.objective.refresh_reference_every and self.lora is not None:
+            raise ValueError(
+                f"{self.objective!r} with model.lora: its reference is a snapshot of the trained weights, and under "
+                "LoRA the reference is the base with the adapters off; fine-tune the whole model (no model.lora)"
+            )
         if isinstance(strategy, FSDPStrategy) and self.lora is not None:
             raise ValueError(
                 f"model.lora under {type(strategy).__name__} (FSDP1): FSDP1 flattens a block's frozen weights and its "
@@ -288,28 +316,54 @@ class DeftModule(L.LightningModule):
             and not dropout_on_head
         )
 
-    def _in_forward(self, batch: dict[str, Tensor], loss: Any) -> Any:
-        """``loss(hidden [N, d], head weight)`` computed inside the model's forward (see :mod:`loss_head`)."""
-        with head_computes(self.model, lambda hidden, weight: loss(hidden.reshape(-1, hidden.shape[-1]), weight)):
-            return self(batch["input_ids"], batch.get("position_ids"))
+    def _in_forward(self, batch: dict[str, Tensor], loss: Any, model: GPT | None = None) -> Any:
+        """``loss(hidden [N, d], head weight)`` computed inside ``model``'s forward (see :mod:`loss_head`)."""
+        model = self.model if model is None else model
+        flat = lambda hidden, weight: loss(hidden.reshape(-1, hidden.shape[-1]), weight)  # noqa: E731
+        with head_computes(model, flat), packed_positions(model, batch.get("position_ids")):
+            return model(batch["input_ids"])
+
+    def _reference_context(self) -> Any:
+        return adapters_off(self.model) if self.reference is None else nullcontext()
+
+    def _reference_hidden(self, batch: dict[str, Tensor]) -> tuple[Tensor, Callable[[], Tensor]]:
+        """The reference model's last hidden states ``[N, d]`` for ``batch``, and a function that returns its head
+        weight when called inside the trained model's forward (a sharded head is gathered for that call only)."""
+        with torch.no_grad(), self._reference_context():
+            hidden = self._in_forward(batch, lambda hidden, weight: hidden, self.reference)
+        if self.reference is None:  # LoRA: the base head, adapters off
+            return hidden, lambda: getattr(self.model.lm_head, "linear", self.model.lm_head).weight.detach()
+        return hidden, lambda: _unsharded(head_weight(self.reference.lm_head)).detach()
 
     def _fused_step(self, batch: dict[str, Tensor], needs: Needs, scale: float):
         """Scaled loss sum (for backward), per-token losses, log p and statistics, without materialized logits."""
         targets = shift_labels(batch["labels"]).reshape(-1)
         chunk = self.hparams.loss_chunk_elements
-        return self._in_forward(
-            batch,
-            lambda hidden, weight: fused_objective_loss(
-                hidden, weight, targets, self.objective, scale, needs, IGNORE_INDEX, chunk
-            ),
-        )
+        reference = self._reference_hidden(batch) if needs.reference else None
+
+        def loss(hidden: Tensor, weight: Tensor):
+            anchor = None if reference is None else (reference[0], reference[1]())
+            return fused_objective_loss(
+                hidden, weight, targets, self.objective, scale, needs, IGNORE_INDEX, chunk, anchor
+            )
+
+        return self._in_forward(batch, loss)
 
     def _token_losses(self, batch: dict[str, Tensor], needs: Needs) -> tuple[Tensor, Tensor, TokenStats]:
         """Per-token objective loss, differentiable log p and statistics of the trainable tokens."""
         logits = self(batch["input_ids"], batch.get("position_ids"))
+        reference = None
+        if needs.reference:
+            with torch.no_grad(), self._reference_context():
+                reference = self._in_forward(batch, lambda hidden, weight: hidden @ weight.T, self.reference)
         targets = shift_labels(batch["labels"]).reshape(-1)
         logp, stats = target_log_probs(
-            logits.reshape(-1, logits.shape[-1]), targets, needs, IGNORE_INDEX, self.hparams.loss_chunk_elements
+            logits.reshape(-1, logits.shape[-1]),
+            targets,
+            needs,
+            IGNORE_INDEX,
+            self.hparams.loss_chunk_elements,
+            reference,
         )
         return self.objective.token_loss(logp, stats), logp, stats
 
@@ -332,6 +386,10 @@ class DeftModule(L.LightningModule):
         # DDP/FSDP average gradients over ranks, hence the world-size factor in the global token mean
         scale = self.trainer.world_size / global_tokens
         self.tokens_seen += global_tokens
+
+        every = self.objective.refresh_reference_every
+        if every and self.global_step % every == 0:
+            self._refresh_reference()
 
         sampling = self.token_sample_size > 0
         log_now = self._is_logging_step()
@@ -407,6 +465,12 @@ class DeftModule(L.LightningModule):
                 values[name] = getattr(stats, stat)
         return values
 
+    @torch.no_grad()
+    def _refresh_reference(self) -> None:
+        """π_old ← π_θ (PSFT): the trained weights into the reference, shard by shard under FSDP2."""
+        for old, current in zip(self.reference.parameters(), self.model.parameters(), strict=True):
+            old.copy_(current)
+
     def _gradient_sync(self, last: bool) -> Any:
         """DDP all-reduces gradients once per step, on the last micro-batch; the others accumulate locally.
 
@@ -438,9 +502,13 @@ class DeftModule(L.LightningModule):
         if self._head_is_fusable():  # chunked, no [tokens × vocab] logits; any objective (no gradient here)
             targets = shift_labels(batch["labels"]).reshape(-1)
             chunk = self.hparams.loss_chunk_elements
-            logp, stats = self._in_forward(
-                batch, lambda hidden, weight: fused_log_probs(hidden, weight, targets, needs, IGNORE_INDEX, chunk)
-            )
+            reference = self._reference_hidden(batch) if needs.reference else None
+
+            def statistics(hidden: Tensor, weight: Tensor) -> tuple[Tensor, TokenStats]:
+                anchor = None if reference is None else (reference[0], reference[1]())
+                return fused_log_probs(hidden, weight, targets, needs, IGNORE_INDEX, chunk, anchor)
+
+            logp, stats = self._in_forward(batch, statistics)
             token_loss = self.objective.token_loss(logp, stats)
         else:
             token_loss, logp, stats = self._token_losses(batch, needs)
@@ -491,8 +559,25 @@ class DeftModule(L.LightningModule):
         if self.lora is not None and self.hparams.checkpoint_dir is not None and not sharded(self.trainer.strategy):
             state = checkpoint["state_dict"]
             checkpoint["state_dict"] = {k: v for k, v in state.items() if "lora_" in k or not k.startswith("model.")}
+        if self._reference_is_rebuilt():  # the starting weights, read back from checkpoint_dir
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("reference.")}
+
+    def _reference_is_rebuilt(self) -> bool:
+        """The reference is the starting weights of ``checkpoint_dir`` (never refreshed), rebuilt by configure_model:
+        checkpoints leave it out (sharded ones keep it: their loader needs every key)."""
+        return (
+            self.reference is not None
+            and not self.objective.refresh_reference_every
+            and self.hparams.checkpoint_dir is not None
+            and not sharded(self.trainer.strategy)
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._reference_is_rebuilt() and "state_dict" in checkpoint:
+            state = checkpoint["state_dict"]
+            for name, value in self.reference.state_dict().items():
+                state.setdefault(f"reference.{name}", value)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         trained_tied = checkpoint.get("tied_embeddings")

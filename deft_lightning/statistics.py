@@ -129,6 +129,16 @@ def _row_lse(z: Tensor) -> Tensor:
     return torch.cat([torch.logsumexp(part, -1) for part in z.split(step)])
 
 
+def _softmax_(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``z`` → softmax(z) in place with one exp pass; returns the row maxima and log Σ exp(z − max) (``[rows, 1]``).
+    The model's and the reference's softmax both come from here: for equal logits they are equal bit for bit."""
+    peak = z.amax(-1, keepdim=True)
+    z.sub_(peak).exp_()
+    total = z.sum(-1, keepdim=True)
+    z.div_(total)
+    return peak, total.log()
+
+
 def _anchor_chunk(z: Tensor, reference: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """log q_y and KL(q ‖ p); turns ``reference`` into q **in place**.
 
@@ -136,7 +146,6 @@ def _anchor_chunk(z: Tensor, reference: Tensor, targets: Tensor) -> tuple[Tensor
     exactly 0, and a token with q_v = 0 contributes 0 whatever its logits (−inf included).
     """
     lse, lse_ref = _row_lse(z), _row_lse(reference)
-    reference_logp = reference.gather(1, targets[:, None]).squeeze(1) - lse_ref
     offset = (lse_ref - lse)[:, None]
     step = max(1, -(-z.shape[0] // ENTROPY_SLICES))
     kl = []
@@ -145,8 +154,9 @@ def _anchor_chunk(z: Tensor, reference: Tensor, targets: Tensor) -> tuple[Tensor
     ):
         q = (ref_part - lse_part).exp()
         kl.append(torch.where(q > 0, q * (ref_part - z_part - offset_part), 0).sum(-1))
-    reference.sub_(lse_ref[:, None]).exp_()
-    return reference_logp, torch.cat(kl)
+    target = reference.gather(1, targets[:, None])
+    peak, log_total = _softmax_(reference)
+    return (target - peak - log_total).squeeze(1), torch.cat(kl)  # log q_y as log p_y is formed
 
 
 def softmax_chunk(
@@ -167,20 +177,17 @@ def softmax_chunk(
             stats["reference_logp"], stats["reference_kl"] = _anchor_chunk(z, reference, targets)
         if needs.top_k:
             stats["topk_entropy"] = topk_entropy(z, needs.top_k)
-        peak = z.amax(-1, keepdim=True)
-        target_shifted = z.gather(1, targets[:, None]) - peak
+        target = z.gather(1, targets[:, None])
         if needs.correct:  # a target tied with the maximum is correct, wherever the tie is
-            stats["correct"] = (target_shifted == 0).squeeze(1).to(z.dtype)
-        probs = z.sub_(peak).exp_()
-        total = probs.sum(-1, keepdim=True)
-        probs.div_(total)
-        log_total = total.log()
+            stats["correct"] = (target == z.amax(-1, keepdim=True)).squeeze(1).to(z.dtype)
+        peak, log_total = _softmax_(z)
+        probs = z
         if needs.entropy:
             step = max(1, -(-probs.shape[0] // ENTROPY_SLICES))
             stats["entropy"] = torch.cat([torch.special.entr(part).sum(-1) for part in probs.split(step)])
         if needs.collision:  # Σ p² = exp(−Rényi-2 entropy), from the softmax at hand, no temporary
             stats["collision"] = torch.bmm(probs[:, None, :], probs[:, :, None]).flatten()
-        return (target_shifted - log_total).squeeze(1), (peak + log_total).squeeze(1), probs, stats
+        return (target - peak - log_total).squeeze(1), (peak + log_total).squeeze(1), probs, stats
 
 
 class _TargetLogProb(torch.autograd.Function):
@@ -224,11 +231,11 @@ class _TargetLogProb(torch.autograd.Function):
             grad.sub_(lse[start:stop, None]).exp_()  # softmax, in place: one [rows × V] buffer per chunk
             if grad_kl is None:
                 grad.mul_(-g)
-            else:  # ∂/∂z of g_kl·KL(q ‖ p) is g_kl·(p − q)
-                g_kl = grad_kl[start:stop, None]
+            else:  # ∂/∂z of g_kl·KL(q ‖ p) is g_kl·(p − q); q − p first: exactly 0 where the reference is the model
                 q = reference.index_select(0, index).to(lse.dtype)
-                q = q.sub_(_row_lse(q)[:, None]).exp_().mul_(g_kl)
-                grad.mul_(g_kl - g).sub_(q)
+                peak, log_total = _softmax_(q.clone())  # the reference's LSE as the forward formed the model's
+                q = q.sub_(peak + log_total).exp_().sub_(grad).mul_(grad_kl[start:stop, None])
+                grad.mul_(-g).sub_(q)
                 del q
             grad.scatter_add_(1, targets[start:stop, None], g)
             grad_logits.index_copy_(0, index, grad.to(logits.dtype))

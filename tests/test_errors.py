@@ -76,6 +76,14 @@ def fit_case(name: str, tmp: Path) -> tuple[list[str], str]:
     if name == "FSDP1 with LoRA":
         strategy = '--trainer.strategy={"class_path": "deft_lightning.strategies.BlockFSDPStrategy"}'
         return [strategy, "--model.lora.r=4"], r"model.lora under BlockFSDPStrategy \(FSDP1\).*use .*FSDP2Strategy"
+    if name == "anchored objective under FSDP1":
+        strategy = '--trainer.strategy={"class_path": "deft_lightning.strategies.BlockFSDPStrategy"}'
+        return [strategy, "--model.objective=ASFT"], r"ASFT\(kl_weight=0.1\) reads a reference model.*FSDP2Strategy"
+    if name == "PSFT with LoRA":
+        return [
+            "--model.objective=PSFT",
+            "--model.lora.r=4",
+        ], r"PSFT\(.*\) with model.lora: .*fine-tune the whole model"
     if name == "sharded checkpoint without a sharded strategy":
         write_sharded_checkpoint(tmp / "run/checkpoints/last.ckpt")
         return ["--ckpt_path=last"], r"last.ckpt' is a sharded checkpoint written by FSDP2; resume it with .*FSDP2S"
@@ -116,6 +124,8 @@ FIT_FAILURES = [
     "bad objective argument",
     "fp16",
     "FSDP1 with LoRA",
+    "anchored objective under FSDP1",
+    "PSFT with LoRA",
     "sharded checkpoint without a sharded strategy",
     "sequence longer than the context",
     "default model not prepared",
