@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from litgpt import GPT, Config
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 from torchmetrics import MeanMetric
 
 from deft_lightning.fused import fused_log_probs, fused_objective_loss
@@ -323,14 +324,18 @@ class DeftModule(L.LightningModule):
         with head_computes(model, flat), packed_positions(model, batch.get("position_ids")):
             return model(batch["input_ids"])
 
-    def _reference_context(self) -> Any:
-        return adapters_off(self.model) if self.reference is None else nullcontext()
+    def _reference_forward(self, batch: dict[str, Tensor], head: Any) -> Any:
+        """``head(hidden, weight)`` inside the reference's forward (LoRA: the model, adapters off), no gradient."""
+        with torch.no_grad(), adapters_off(self.model) if self.reference is None else nullcontext():
+            out = self._in_forward(batch, head, self.reference)
+        if isinstance(self.reference, FSDPModule):  # FSDP2 keeps a root unsharded for a backward that never comes
+            self.reference.reshard()
+        return out
 
     def _reference_hidden(self, batch: dict[str, Tensor]) -> tuple[Tensor, Callable[[], Tensor]]:
         """The reference model's last hidden states ``[N, d]`` for ``batch``, and a function that returns its head
         weight when called inside the trained model's forward (a sharded head is gathered for that call only)."""
-        with torch.no_grad(), self._reference_context():
-            hidden = self._in_forward(batch, lambda hidden, weight: hidden, self.reference)
+        hidden = self._reference_forward(batch, lambda hidden, weight: hidden)
         if self.reference is None:  # LoRA: the base head, adapters off
             return hidden, lambda: getattr(self.model.lm_head, "linear", self.model.lm_head).weight.detach()
         return hidden, lambda: _unsharded(head_weight(self.reference.lm_head)).detach()
@@ -354,8 +359,7 @@ class DeftModule(L.LightningModule):
         logits = self(batch["input_ids"], batch.get("position_ids"))
         reference = None
         if needs.reference:
-            with torch.no_grad(), self._reference_context():
-                reference = self._in_forward(batch, lambda hidden, weight: hidden @ weight.T, self.reference)
+            reference = self._reference_forward(batch, lambda hidden, weight: hidden @ weight.T)
         targets = shift_labels(batch["labels"]).reshape(-1)
         logp, stats = target_log_probs(
             logits.reshape(-1, logits.shape[-1]),

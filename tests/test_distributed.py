@@ -146,6 +146,27 @@ def test_a_packed_step_equals_the_unpacked_step_on_one_and_two_ranks(tmp_path):
             assert_same(runs[f"{setup}-{objective}-packed"], reference)
 
 
+def test_anchored_objectives_under_fsdp2_match_one_process(tmp_path):
+    """ASFT (a sharded frozen copy; LoRA: the base with adapters off) and PSFT (a sharded snapshot refreshed at step 2):
+    3 FSDP2 steps on 2 ranks give one process's losses and weights; the anchor acted (ASFT ≠ DFT)."""
+    start = tmp_path / "start"
+    subprocess.run([sys.executable, str(ROOT / "tests/fsdp_equivalence.py"), "--checkpoint", str(start)], check=True)
+    script = [str(ROOT / "tests/anchored_equivalence.py"), str(start), str(tmp_path)]
+    single = subprocess.run([sys.executable, *script], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-4000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29621"]
+    double = subprocess.run([*launch, *script], capture_output=True, text=True, timeout=900)
+    assert double.returncode == 0, double.stderr[-4000:]
+    one, two = torch.load(tmp_path / "anchored-1.pt"), torch.load(tmp_path / "anchored-2.pt")
+    for name in ("ASFT", "ASFT-LoRA", "PSFT"):
+        assert len(two[name]["losses"]) == 3
+        assert two[name]["losses"] == pytest.approx(one[name]["losses"], rel=1e-5), name
+        for key, want in one[name]["weights"].items():
+            assert (two[name]["weights"][key] - want).norm() <= 1e-5 * want.norm(), (name, key)
+    for anchored, plain in (("ASFT", "DFT"), ("ASFT-LoRA", "DFT-LoRA")):
+        assert one[anchored]["losses"][1:] != pytest.approx(one[plain]["losses"][1:], rel=1e-4)
+
+
 def collectives(run_dir: Path) -> list[int]:
     return [int(line) for line in (run_dir / "collectives.rank0").read_text().split()]
 
