@@ -80,6 +80,12 @@ def _unsharded(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def _target_weights(batch: dict[str, Tensor]) -> Tensor | None:
+    """The loss weight of each position's target (``token_weights`` shifted like the labels), if the batch has them."""
+    weights = batch.get("token_weights")
+    return None if weights is None else F.pad(weights[:, 1:], (0, 1), value=0.0)
+
+
 def shift_labels(labels: Tensor) -> Tensor:
     """Position t predicts token t+1: drop the first label and pad the end with IGNORE_INDEX (no logits copy)."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -345,11 +351,12 @@ class DeftModule(L.LightningModule):
         targets = shift_labels(batch["labels"]).reshape(-1)
         chunk = self.hparams.loss_chunk_elements
         reference = self._reference_hidden(batch) if needs.reference else None
+        weights = _target_weights(batch)
 
         def loss(hidden: Tensor, weight: Tensor):
             anchor = None if reference is None else (reference[0], reference[1]())
             return fused_objective_loss(
-                hidden, weight, targets, self.objective, scale, needs, IGNORE_INDEX, chunk, anchor
+                hidden, weight, targets, self.objective, scale, needs, IGNORE_INDEX, chunk, anchor, weights
             )
 
         return self._in_forward(batch, loss)
@@ -380,15 +387,23 @@ class DeftModule(L.LightningModule):
         columns = {name: values.split(micro) for name, values in batch.items()}  # input_ids, labels, position_ids?
         micro_batches = [{name: parts[i] for name, parts in columns.items()} for i in range(len(columns["labels"]))]
 
-        local_tokens = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum().reshape(1)  # int64: exact at any size
-        global_tokens = int(self._sum_over_ranks(local_tokens).item())  # one host sync per step
+        kept = shift_labels(batch["labels"]) != IGNORE_INDEX
+        weights = _target_weights(batch)
+        local = torch.stack([kept.sum(), kept.sum() if weights is None else weights[kept].sum()]).double()  # exact
+        global_tokens, global_weight = self._sum_over_ranks(local).tolist()  # one host sync per step
+        global_tokens = int(global_tokens)
         if global_tokens == 0:
             raise RuntimeError(
                 f"training batch {batch_idx} has no trainable tokens on any rank (every label is masked); "
                 "check data.max_seq_length against prompt lengths"
             )
-        # DDP/FSDP average gradients over ranks, hence the world-size factor in the global token mean
-        scale = self.trainer.world_size / global_tokens
+        if global_weight <= 0:
+            raise RuntimeError(
+                f"training batch {batch_idx}: every trainable token has loss weight 0 (row weights and "
+                "data.prompt_weight / data.response_weight); nothing would train"
+            )
+        # DDP/FSDP average gradients over ranks, hence the world-size factor in the global (weighted) token mean
+        scale = self.trainer.world_size / global_weight
         self.tokens_seen += global_tokens
 
         every = self.objective.refresh_reference_every
@@ -402,17 +417,24 @@ class DeftModule(L.LightningModule):
         sums: dict[str, Tensor] = {}
         samples: list[dict[str, Tensor]] = []
         for index, micro_batch in enumerate(micro_batches):
+            micro_weights = None
+            if weights is not None:  # the trained targets' weights, in the order of the token losses
+                micro_weights = _target_weights(micro_batch)[shift_labels(micro_batch["labels"]) != IGNORE_INDEX]
             with self._gradient_sync(last=index == len(micro_batches) - 1):
                 if fused:
                     loss, token_loss, gate, logp, stats = self._fused_step(micro_batch, needs, scale)
                     self.manual_backward(loss)
                 else:
                     token_loss, logp, stats = self._token_losses(micro_batch, needs)
-                    self.manual_backward(token_loss.sum() * scale)
+                    weighted = token_loss if micro_weights is None else token_loss * micro_weights
+                    self.manual_backward(weighted.sum() * scale)
                     gate = self.objective.weight(logp, stats)
             per_token = self._train_metric_values(token_loss, gate, logp, stats)
             for name, values in per_token.items():
                 sums[name] = sums.get(name, 0) + values.sum()
+            if micro_weights is not None:  # logged over global_tokens like the rest: Σ weight · loss / Σ weight
+                weighted_sum = (token_loss.detach() * micro_weights).sum() * (global_tokens / global_weight)
+                sums["weighted_loss"] = sums.get("weighted_loss", 0) + weighted_sum
             if sampling:
                 samples.append(per_token)
         if sampling:

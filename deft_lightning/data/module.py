@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -45,11 +46,12 @@ from deft_lightning.data.preparation import (
     tokenize_source,
 )
 from deft_lightning.data.sources import RowReport, Source
+from deft_lightning.data.weighting import WeightedExamples
 from deft_lightning.prompting import Prompter, TrainOn
 from deft_lightning.tables import format_table
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = 3  # bump when the tokenized layout or the encoding rules change
+CACHE_FORMAT = 4  # bump when the tokenized layout or the encoding rules change
 
 
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -60,6 +62,8 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[st
         "input_ids": pad([torch.as_tensor(ex["input_ids"]) for ex in examples], batch_first=True, padding_value=pad_id),
         "labels": pad([torch.as_tensor(ex["labels"]) for ex in examples], batch_first=True, padding_value=IGNORE_INDEX),
     }
+    if "token_weights" in examples[0]:
+        batch["token_weights"] = pad([ex["token_weights"] for ex in examples], batch_first=True, padding_value=0.0)
     if "position_ids" in examples[0]:
         width = batch["input_ids"].shape[1]
         batch["position_ids"] = torch.stack(
@@ -260,6 +264,10 @@ class SFTDataModule(L.LightningDataModule):
             example; ``batch_size`` then counts packed rows. The loss is the same global token mean. Validation
             and test batches stay unpacked.
         cache_dir: where tokenized splits are cached.
+        prompt_weight, response_weight: loss weights of a training example's untrained (prompt, system, user) and
+            trained (response, assistant) tokens, times the row's own ``weight`` field where it has one; the loss is
+            Σ weight · token loss / Σ weight over the step (:mod:`deft_lightning.data.weighting`). ``prompt_weight
+            > 0`` trains the prompt tokens too. Validation and test stay unweighted response-token means.
     """
 
     def __init__(
@@ -281,9 +289,17 @@ class SFTDataModule(L.LightningDataModule):
         train_on: TrainOn = "all_assistant",
         num_proc: int | None = None,
         packing: bool = False,
+        prompt_weight: float = 0.0,
+        response_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.packing = packing
+        for name, value in (("prompt_weight", prompt_weight), ("response_weight", response_weight)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"data.{name} must be a finite number >= 0, got {value!r}")
+        if prompt_weight == response_weight == 0:
+            raise ValueError("data.prompt_weight and data.response_weight are both 0: no token would train")
+        self.prompt_weight, self.response_weight = float(prompt_weight), float(response_weight)
         if num_proc is not None and num_proc < 1:
             raise ValueError(f"data.num_proc must be >= 1, got {num_proc}")
         self.num_proc = num_proc
@@ -513,6 +529,12 @@ class SFTDataModule(L.LightningDataModule):
         """What the training loader indexes, and each item's length: the examples, or with ``packing`` the packed
         rows (:class:`~deft_lightning.data.packing.PackedRows`, computed once per split)."""
         examples = self.datasets["train"].with_format(columns=["input_ids", "labels"])
+        if self.weighted():
+            examples = WeightedExamples(
+                self.datasets["train"].with_format(columns=["input_ids", "labels", "weight"]),
+                self.prompt_weight,
+                self.response_weight,
+            )
         if not self.packing:
             return examples, self.lengths("train")
         if self._packed is None:
@@ -521,6 +543,16 @@ class SFTDataModule(L.LightningDataModule):
             self._packed = (bins, bin_lengths(lengths, bins))
         bins, lengths = self._packed
         return PackedRows(examples, bins), lengths
+
+    def weighted(self) -> bool:
+        """Whether training batches carry ``token_weights``: a prompt or response weight other than 0 and 1, or a
+        training row with a ``weight`` other than 1."""
+        if (self.prompt_weight, self.response_weight) != (0.0, 1.0):
+            return True
+        import pyarrow.compute as pc
+
+        weights = self.datasets["train"].data.column("weight")
+        return len(weights) > 0 and pc.min_max(weights).as_py() != {"min": 1.0, "max": 1.0}
 
     def batch_order(self) -> list[list[int]]:
         """The training rows (:meth:`training_rows`) of each optimizer step of the first epoch (one process with the

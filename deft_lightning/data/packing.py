@@ -69,25 +69,20 @@ class PackedRows(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """One read of the underlying dataset for every example of a batch's packed rows."""
+        """One read of the underlying dataset for every example of a batch's packed rows (``token_weights`` are
+        packed alike where the examples carry them)."""
         members = [self.bins[index] for index in indices]
-        rows = self.examples[[example for bin_ in members for example in bin_]]
-        ids = [torch.as_tensor(x) for x in rows["input_ids"]]
-        labels = [torch.as_tensor(x) for x in rows["labels"]]
+        columns = self.examples[[example for bin_ in members for example in bin_]]  # indexing with a list: columns
+        columns = {name: [torch.as_tensor(x) for x in values] for name, values in columns.items()}
         packed, cursor = [], 0
         for bin_ in members:
             parts = slice(cursor, cursor + len(bin_))
             cursor += len(bin_)
-            row_labels = torch.cat(labels[parts])
-            starts = _starts([len(x) for x in ids[parts]])
-            row_labels[starts] = IGNORE_INDEX
-            packed.append(
-                {
-                    "input_ids": torch.cat(ids[parts]),
-                    "labels": row_labels,
-                    "position_ids": torch.cat([torch.arange(len(x)) for x in ids[parts]]),
-                }
-            )
+            row = {name: torch.cat(values[parts]) for name, values in columns.items()}
+            lengths = [len(x) for x in columns["input_ids"][parts]]
+            row["labels"][_starts(lengths)] = IGNORE_INDEX
+            row["position_ids"] = torch.cat([torch.arange(length) for length in lengths])
+            packed.append(row)
         return packed
 
 

@@ -38,6 +38,7 @@ SCHEMA = pa.schema(
         ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
         ("length", pa.int32()),
+        ("weight", pa.float32()),  # the row's loss weight (1 where the row has none)
         *((name, pa.string()) for name in TEXT_COLUMNS),
     ]
 )
@@ -96,6 +97,7 @@ class EncodedBatch:
     lengths: np.ndarray
     input_ids: np.ndarray
     labels: np.ndarray
+    weights: np.ndarray | None = None  # per kept row
     texts: dict[str, list[str]] | None = None  # TEXT_COLUMNS of the kept rows
     truncated: int = 0
     trainable: int = 0
@@ -125,7 +127,8 @@ def encode_batch(encoder: Encoder, rows: list[dict[str, Any]]) -> EncodedBatch:
     concat = (lambda parts: np.concatenate(parts)) if ids else (lambda parts: np.empty(0, dtype=np.int32))
     texts = [text_columns(rows[position]) for position in kept]
     columns = {name: [text[name] for text in texts] for name in TEXT_COLUMNS}
-    return EncodedBatch(kept, lengths, concat(ids), concat(labels), columns, truncated, trainable)
+    weights = np.array([rows[position].get("weight", 1.0) for position in kept], dtype=np.float32)
+    return EncodedBatch(kept, lengths, concat(ids), concat(labels), weights, columns, truncated, trainable)
 
 
 _WORKER_ENCODER: Encoder | None = None  # set in the parent right before the workers are forked
@@ -195,6 +198,7 @@ def tokenize_source(
                 pa.ListArray.from_arrays(offsets, encoded.input_ids),
                 pa.ListArray.from_arrays(offsets, encoded.labels),
                 pa.array(encoded.lengths),
+                pa.array(encoded.weights),
                 *(pa.array(encoded.texts[name], pa.string()) for name in TEXT_COLUMNS),
             ]
             writer.write_batch(pa.record_batch(columns, schema=SCHEMA))

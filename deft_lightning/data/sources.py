@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from collections.abc import Iterator, Mapping
@@ -101,6 +102,19 @@ def validate_conversation(
     return {"messages": messages, "output": last}
 
 
+def row_weight(raw: Mapping[str, Any], fields: Mapping[str, str], where: str) -> float | None:
+    """The record's optional loss weight (``weight``, or the field ``fields`` maps it to): a finite number >= 0."""
+    column = fields.get("weight", "weight")
+    value = raw.get(column)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise BadRowError(
+            f"{where}: field '{column}' (the row's loss weight) must be a finite number >= 0, got {value!r}"
+        )
+    return float(value)
+
+
 def validate_row(
     raw: Any, fields: Mapping[str, str], where: str, roles: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
@@ -108,12 +122,14 @@ def validate_row(
     ``where`` and the field (and turn)."""
     if not isinstance(raw, Mapping):
         raise BadRowError(f"{where}: expected an object, got {type(raw).__name__}")
+    weight = row_weight(raw, fields, where)
     column = conversation_column(raw, fields)
     if column is not None:
         if column not in raw:
             raise BadRowError(f"{where}: missing field '{column}'; the record's fields are {sorted(raw)}")
-        return validate_conversation(raw[column], column, where, roles or {}, raw.get(fields.get("system", "system")))
-    row = {}
+        row = validate_conversation(raw[column], column, where, roles or {}, raw.get(fields.get("system", "system")))
+        return row if weight is None else {**row, "weight": weight}
+    row = {} if weight is None else {"weight": weight}
     for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
         column = fields.get(name, name)
         if column not in raw or raw[column] is None:
