@@ -143,9 +143,14 @@ def objective_error(given: str, details: str) -> str:
     from deft_lightning import objectives
 
     known = ", ".join(
-        name
-        for name in objectives.__all__
-        if isinstance(getattr(objectives, name), type) and name not in ("Objective", "Needs", "TokenStats")
+        sorted(
+            (
+                name
+                for name in objectives.__all__
+                if isinstance(getattr(objectives, name), type) and name not in ("Objective", "Needs", "TokenStats")
+            ),
+            key=str.lower,
+        )
     )
     nested = re.match(r"NestedArg\(key='([^']+)'", given)
     if nested:

@@ -58,7 +58,7 @@ def fit_case(name: str, tmp: Path) -> tuple[list[str], str]:
     if name == "missing file":
         return [data + str(tmp / "nope.jsonl")], r"data file not found: .*nope.jsonl"
     if name == "unknown objective":
-        return ["--model.objective=NoSuchLoss"], r"NoSuchLoss is not an objective; use one of DEFT, .*NLL.*Prob"
+        return ["--model.objective=NoSuchLoss"], r"NoSuchLoss is not an objective; use one of ASFT, .*DEFT.*PSFT, QLog"
     if name == "unimportable objective":
         return ["--model.objective=my_losses.Focal"], r"no module named 'my_losses' .* PYTHONPATH"
     if name == "option typo":
