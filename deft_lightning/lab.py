@@ -409,6 +409,12 @@ PREDICTIONS = [
         "confident conflicts: DEFT follows them more slowly (Prop. 10)", "conflict", "DEFT", "NLL", "learning_auc", -1
     ),
     Prediction("confident conflicts: NLL forgets task B more than DEFT", "conflict", "NLL", "DEFT", "retention", -1),
+    # the anchored objectives' own papers: an anchor (a KL to the start, a trust region) limits drift
+    Prediction("ASFT: its KL anchor keeps task B better than DFT (ASFT §4)", "strong", "ASFT", "DFT", "retention", 1),
+    Prediction("ASFT: anchored, it forgets task B less than NLL", "conflict", "ASFT", "NLL", "retention", 1),
+    Prediction(
+        "PSFT: its trust region forgets task B less than NLL (PSFT §4)", "conflict", "PSFT", "NLL", "retention", 1
+    ),
 ]
 
 

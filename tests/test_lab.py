@@ -131,3 +131,15 @@ def test_analyze_prior_as_the_readme_runs_it_on_a_fresh_clone(tmp_path):
     second = subprocess.run([*command, "--name", "prior-b"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {"prior.csv", "prior-b.csv"} <= {p.name for p in (tmp_path / "analysis").iterdir()}
+
+
+@pytest.mark.parametrize("name", Settings.from_file(ROOT / "configs/lab.yaml").objectives)
+def test_every_shipped_lab_objective_builds_and_the_default_run_judges_every_prediction(name):
+    from deft_lightning.lab import PREDICTIONS, objective_spec
+    from deft_lightning.objectives import Objective, objective_from_spec
+
+    settings = Settings.from_file(ROOT / "configs/lab.yaml")
+    assert isinstance(objective_from_spec(objective_spec(settings, name)), Objective)
+    default = settings.run["objectives"]
+    assert set(default) <= set(settings.objectives)
+    assert {p.a for p in PREDICTIONS} | {p.b for p in PREDICTIONS} <= set(default)
