@@ -410,10 +410,17 @@ PREDICTIONS = [
     ),
     Prediction("confident conflicts: NLL forgets task B more than DEFT", "conflict", "NLL", "DEFT", "retention", -1),
     # the anchored objectives' own papers: an anchor (a KL to the start, a trust region) limits drift
-    Prediction("ASFT: its KL anchor keeps task B better than DFT (ASFT §4)", "strong", "ASFT", "DFT", "retention", 1),
+    Prediction(
+        "ASFT: its KL anchor keeps task B better than DFT (arXiv 2509.23753)", "strong", "ASFT", "DFT", "retention", 1
+    ),
     Prediction("ASFT: anchored, it forgets task B less than NLL", "conflict", "ASFT", "NLL", "retention", 1),
     Prediction(
-        "PSFT: its trust region forgets task B less than NLL (PSFT §4)", "conflict", "PSFT", "NLL", "retention", 1
+        "PSFT: its trust region forgets task B less than NLL (arXiv 2508.17784)",
+        "conflict",
+        "PSFT",
+        "NLL",
+        "retention",
+        1,
     ),
 ]
 
